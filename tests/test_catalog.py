@@ -1,0 +1,95 @@
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from universal.catalog import (
+    CatalogError,
+    default_catalog_path,
+    find_cases,
+    load_catalog,
+    read_manifest,
+    write_manifest,
+)
+
+
+def test_demo_entries_parse(catalog):
+    assert {"demo_msd_liver", "demo_btcv", "demo_kits", "demo_external"} <= set(catalog)
+    kits = catalog["demo_kits"]
+    kidney = next(r for r in kits.labels if r.raw == 1)
+    assert kidney.split and kidney.classes == ("Right Kidney", "Left Kidney")
+    assert kits.annotated == ("Right Kidney", "Left Kidney", "Kidney Tumor")
+    assert catalog["demo_external"].role == "external"
+
+
+def test_btcv_cases_from_60_annotate_eight_organs(catalog):
+    btcv = catalog["demo_btcv"]
+    assert len(btcv.annotated_for("0001")) == 14
+    late = btcv.annotated_for("0061")
+    assert len(late) == 8 and "Right Kidney" not in late and "Left Kidney" in late
+
+
+def _touch(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+
+
+def test_pattern_layout_and_manifest_round_trip(catalog, tmp_path):
+    for case in ("00000", "00001"):
+        _touch(tmp_path / f"case_{case}" / "imaging.nii.gz")
+        _touch(tmp_path / f"case_{case}" / "segmentation.nii.gz")
+    cases = find_cases(catalog["demo_kits"], tmp_path)
+    assert [c.case_id for c in cases] == ["00000", "00001"]
+    assert cases[1].label == tmp_path / "case_00001" / "segmentation.nii.gz"
+    write_manifest(cases, tmp_path / "m.tsv")
+    assert read_manifest(tmp_path / "m.tsv") == cases
+
+
+def test_msd_layout_reads_dataset_json(catalog, tmp_path):
+    task = tmp_path / "Task03_Liver"
+    _touch(task / "imagesTr" / "liver_0.nii.gz")
+    _touch(task / "labelsTr" / "liver_0.nii.gz")
+    (task / "dataset.json").write_text(json.dumps(
+        {"training": [{"image": "./imagesTr/liver_0.nii.gz", "label": "./labelsTr/liver_0.nii.gz"}]}))
+    cases = find_cases(catalog["demo_msd_liver"], tmp_path)
+    assert [c.case_id for c in cases] == ["liver_0"]
+
+
+def test_missing_label_file_is_reported(catalog, tmp_path):
+    _touch(tmp_path / "case_00000" / "imaging.nii.gz")
+    with pytest.raises(CatalogError, match="missing"):
+        find_cases(catalog["demo_kits"], tmp_path)
+
+
+def test_empty_folder_is_reported(catalog, tmp_path):
+    with pytest.raises(CatalogError, match="no cases found"):
+        find_cases(catalog["demo_btcv"], tmp_path)
+
+
+def test_private_dataset_is_one_entry(classes, tmp_path):
+    doc = yaml.safe_load(default_catalog_path().read_text())
+    doc["datasets"]["felix"] = {
+        "name": "FELIX (private)", "licence": "private", "source": {"kind": "manual", "instructions": "ask JHH"},
+        "layout": {"kind": "pattern", "image": "img/{case}.nii.gz", "label": "lbl/{case}.nii.gz"},
+        "labels": {1: "Pancreas", 2: "Pancreas", 3: "Pancreas Tumor"}, "role": "train"}
+    path = tmp_path / "datasets.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    felix = load_catalog(path, classes)["felix"]
+    assert felix.annotated == ("Pancreas", "Pancreas Tumor")
+
+
+@pytest.mark.parametrize(("labels", "message"), [
+    ({1: "Livr"}, "'Livr', which is not in the class table"),
+    ({1: ["Left Kidney", "Right Kidney"]}, "must be \\(right, left\\)"),
+    ({0: "Liver"}, "must be a positive integer"),
+])
+def test_bad_label_maps_name_the_dataset(classes, tmp_path, labels, message):
+    doc = {"datasets": {"bad": {"name": "x", "licence": "x", "source": {"kind": "manual"}, "role": "train",
+                                "layout": {"kind": "pattern", "image": "{case}.nii", "label": "{case}_l.nii"},
+                                "labels": labels}}}
+    path = tmp_path / "datasets.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(CatalogError, match=message) as info:
+        load_catalog(path, classes)
+    assert "dataset 'bad'" in str(info.value)

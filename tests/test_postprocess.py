@@ -1,0 +1,40 @@
+import numpy as np
+
+from universal.postprocess import exclusive_label_map, largest_component, postprocess_masks
+
+AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
+
+
+def test_largest_component_keeps_the_biggest():
+    mask = np.zeros((20, 20, 20), bool)
+    mask[1:5, 1:5, 1:5] = True
+    mask[10:18, 10:18, 10:18] = True
+    kept = largest_component(mask)
+    assert kept.sum() == 512 and kept[12, 12, 12] and not kept[2, 2, 2]
+
+
+def test_rules_of_the_class_table(classes):
+    shape = (40, 20, 20)
+    masks = np.zeros((len(classes), *shape), bool)
+    liver, tumour = classes.channel("Liver"), classes.channel("Liver Tumor")
+    right_lung, left_lung = classes.channel("Right Lung"), classes.channel("Left Lung")
+    masks[liver, 22:36, 2:18, 2:18] = True
+    masks[liver, 2:4, 2:4, 2:4] = True                 # a speck: removed (largest_component)
+    masks[tumour, 25:28, 5:8, 5:8] = True              # inside the liver: kept
+    masks[tumour, 2:4, 15:18, 15:18] = True            # far from the liver: removed (within_parent)
+    masks[right_lung, 2:10, 5:15, 5:15] = True         # predicted "right" but lies on the left: moved
+    masks[left_lung, 30:38, 5:15, 5:15] = True
+    out = postprocess_masks(masks, classes, AFFINE, midline_x_mm=40.0)
+    assert out[liver].sum() == 14 * 16 * 16
+    assert out[tumour].sum() == 27
+    assert out[right_lung, 30:38, 5:15, 5:15].all() and not out[right_lung, 2:10].any()
+    assert out[left_lung, 2:10, 5:15, 5:15].all() and not out[left_lung, 30:38].any()
+
+
+def test_exclusive_map_takes_the_most_probable_overlapping_class():
+    masks = np.zeros((3, 4, 1, 1), bool)
+    probabilities = np.zeros((3, 4, 1, 1), np.float32)
+    masks[0, :2], probabilities[0, :2] = True, 0.9
+    masks[1, 1:3], probabilities[1, 1:3] = True, 0.7
+    out = exclusive_label_map(masks, probabilities, [0, 1], [6, 1])
+    assert out[:, 0, 0].tolist() == [6, 6, 1, 0]

@@ -1,0 +1,67 @@
+"""Post-processing of predicted class masks by the class table's rule, and exclusive organ/tumour label maps.
+
+Rules (column ``postprocess`` of the class table):
+
+- ``largest_component``: keep the largest 26-connected component;
+- ``lung_pair``: the union of the right and left lung is split into components, and each component goes to the
+  side of the body midline it lies on (the original instead kept two components and emptied both lungs when
+  it found fewer);
+- ``within_parent``: keep tumour voxels that lie within 2 voxels of the (post-processed) parent organ(s);
+- ``none``: unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from universal.classes import ClassTable
+from universal.sides import CONNECTIVITY_26, split_by_side
+
+PARENT_MARGIN_VOXELS = 2
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of a binary mask (x, y, z); an empty mask stays empty."""
+    components, count = ndimage.label(mask, structure=CONNECTIVITY_26)
+    if count <= 1:
+        return mask.copy()
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    return components == int(sizes.argmax())
+
+
+def postprocess_masks(masks: np.ndarray, classes: ClassTable, affine: np.ndarray,
+                      midline_x_mm: float | None) -> np.ndarray:
+    """Apply every class's rule to binary masks (K, X, Y, Z) in class-table channel order; returns a new array."""
+    out = masks.copy()
+    for channel, cls in enumerate(classes):
+        if cls.postprocess == "largest_component":
+            out[channel] = largest_component(out[channel])
+    lungs = [c for c in classes if c.postprocess == "lung_pair"]
+    if len(lungs) == 2:
+        right = classes.channel(next(c.name for c in lungs if c.side == "right"))
+        left = classes.channel(next(c.name for c in lungs if c.side == "left"))
+        out[right], out[left] = split_by_side(out[right] | out[left], affine, midline_x_mm)
+    for channel, cls in enumerate(classes):
+        if cls.postprocess == "within_parent":
+            parents = np.zeros(masks.shape[1:], dtype=bool)
+            for name in cls.parents:
+                parents |= out[classes.channel(name)]
+            near = ndimage.binary_dilation(parents, structure=CONNECTIVITY_26, iterations=PARENT_MARGIN_VOXELS)
+            out[channel] &= near
+    return out
+
+
+def exclusive_label_map(masks: np.ndarray, probabilities: np.ndarray, channels: list[int],
+                        values: list[int]) -> np.ndarray:
+    """One uint8 label map from overlapping masks: where several of ``channels`` are set, the most probable wins.
+
+    ``masks`` and ``probabilities`` are (K, X, Y, Z); ``values`` are the label values written for ``channels``.
+    """
+    if not channels:
+        return np.zeros(masks.shape[1:], dtype=np.uint8)
+    scores = np.where(masks[channels], probabilities[channels], -1.0)
+    best = scores.argmax(axis=0)
+    lut = np.asarray(values, dtype=np.uint8)
+    return np.where(scores.max(axis=0) >= 0, lut[best], 0).astype(np.uint8)

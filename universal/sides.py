@@ -1,0 +1,34 @@
+"""Left/right assignment of connected components by anatomical side (RAS+: +x is the patient's right)."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
+
+
+def split_by_side(mask: np.ndarray, affine: np.ndarray, midline_x_mm: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Split a binary mask (x, y, z) into (right, left) masks, one 26-connected component at a time.
+
+    Each component goes to the side of the sagittal midline (RAS x in mm) its centroid lies on. Without a
+    midline, it is the midpoint between the two largest components' centroids, or for a single component the
+    centre of the volume.
+    """
+    components, count = ndimage.label(mask, structure=CONNECTIVITY_26)
+    right = np.zeros(mask.shape, dtype=bool)
+    if count == 0:
+        return right, right.copy()
+    index = np.arange(1, count + 1)
+    centres = np.asarray(ndimage.center_of_mass(mask, components, index), dtype=np.float64).reshape(-1, 3)
+    world_x = centres @ affine[0, :3] + affine[0, 3]
+    if midline_x_mm is None:
+        if count >= 2:
+            sizes = ndimage.sum_labels(mask, components, index)
+            midline_x_mm = float(world_x[np.argsort(sizes)[-2:]].mean())
+        else:
+            centre = (np.asarray(mask.shape, dtype=np.float64) - 1) / 2
+            midline_x_mm = float(centre @ affine[0, :3] + affine[0, 3])
+    is_right = np.concatenate([[False], world_x > midline_x_mm])
+    right = is_right[components] & mask
+    return right, mask & ~right

@@ -1,0 +1,64 @@
+# Datasets: the synthetic demo, and one checkpoint per dataset that writes its validated case manifest.
+
+
+rule demo_data:
+    output:
+        readme=f"{config['demo']['out']}/README.txt",
+    log:
+        "logs/demo_data.log",
+    params:
+        out=lambda wildcards, output: Path(output.readme).parent,
+        cases=config["demo"]["cases_per_dataset"],
+        external=config["demo"]["external_cases"],
+        seed=config["demo"]["seed"],
+    conda:
+        "../envs/universal.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=20,
+    shell:
+        "universal demo-data --out {params.out} --cases {params.cases} "
+        "--external-cases {params.external} --seed {params.seed} > {log} 2>&1"
+
+
+checkpoint manifest:
+    input:
+        dataset_source,
+    output:
+        "results/manifests/{dataset}.tsv",
+    log:
+        "logs/manifest/{dataset}.log",
+    params:
+        root=dataset_root,
+        tables=CATALOG_ARGS,
+    conda:
+        "../envs/universal.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "universal manifest {params.tables} --dataset {wildcards.dataset} --root {params.root} "
+        "--out {output} > {log} 2>&1"
+
+
+rule sample_sheet_manifest:
+    input:
+        config["external"]["samples"] or [],
+    output:
+        f"results/manifests/{SAMPLE_SHEET}.tsv",
+    log:
+        f"logs/manifest/{SAMPLE_SHEET}.log",
+    conda:
+        "../envs/universal.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    run:
+        from universal.catalog import Case, write_manifest
+
+        sheet = load_sample_sheet(input[0])
+        cases = [Case(SAMPLE_SHEET, row.case_id, Path(row.image).resolve(), None) for row in sheet.itertuples()]
+        write_manifest(cases, output[0])
