@@ -1,0 +1,151 @@
+"""Tests of universal.model: the dynamic heads, backbones, embeddings loading and checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from universal.model import (
+    ModelConfig,
+    UniversalModel,
+    build_model,
+    load_checkpoint,
+    load_embeddings,
+    save_checkpoint,
+)
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+TINY_UNET = ModelConfig(backbone="unet", features=(8, 8, 16, 16, 32, 8))
+
+
+@pytest.fixture
+def tiny_model() -> UniversalModel:
+    torch.manual_seed(0)
+    return build_model(TINY_UNET, torch.randn(5, 512))
+
+
+def reference_heads(model: UniversalModel, x: torch.Tensor) -> torch.Tensor:
+    """The original's per-sample loop: repeated 8-channel features and grouped 1×1×1 convolutions."""
+    deep, full = model.backbone(x)
+    classes = model.organ_embedding.shape[0]
+    task = F.relu(model.text_to_vision(model.organ_embedding)).unsqueeze(2).unsqueeze(2).unsqueeze(2)
+    x_feat = model.GAP(deep)
+    head_in = model.precls_conv(full)
+    outputs = []
+    for i in range(x.shape[0]):
+        condition = torch.cat([x_feat[i].unsqueeze(0).repeat(classes, 1, 1, 1, 1), task], 1)
+        params = model.controller(condition).squeeze(-1).squeeze(-1).squeeze(-1)
+        w1, w2, w3, b1, b2, b3 = params.split([64, 64, 8, 8, 8, 1], dim=1)
+        h = head_in[i:i + 1].repeat(1, classes, 1, 1, 1)
+        h = F.relu(F.conv3d(h, w1.reshape(classes * 8, 8, 1, 1, 1), b1.reshape(-1), groups=classes))
+        h = F.relu(F.conv3d(h, w2.reshape(classes * 8, 8, 1, 1, 1), b2.reshape(-1), groups=classes))
+        outputs.append(F.conv3d(h, w3.reshape(classes, 8, 1, 1, 1), b3.reshape(-1), groups=classes))
+    return torch.cat(outputs, 0)
+
+
+def test_output_shape_and_class_subset(tiny_model: UniversalModel) -> None:
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        full = tiny_model(x)
+        subset = tiny_model(x, classes=[3, 0])
+    assert full.shape == (2, 5, 32, 32, 32)
+    torch.testing.assert_close(subset, full[:, [3, 0]], rtol=0, atol=1e-6)
+
+
+def test_batched_heads_equal_the_original_loop(tiny_model: UniversalModel) -> None:
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_model(x), reference_heads(tiny_model, x), rtol=0, atol=1e-5)
+        model64, x64 = tiny_model.double(), x.double()
+        torch.testing.assert_close(model64(x64), reference_heads(model64, x64), rtol=0, atol=1e-12)
+
+
+def test_chunked_heads_without_grad_equal_all_at_once(tiny_model: UniversalModel) -> None:
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        tiny_model.head_chunk_classes = 0
+        whole = tiny_model(x)
+        tiny_model.head_chunk_classes = 2
+        torch.testing.assert_close(tiny_model(x), whole, rtol=0, atol=1e-6)
+
+
+def test_gradients_reach_heads_and_backbone(tiny_model: UniversalModel) -> None:
+    tiny_model(torch.randn(1, 1, 32, 32, 32), classes=[1]).square().mean().backward()
+    assert tiny_model.controller.weight.grad.abs().sum() > 0
+    assert tiny_model.backbone.conv_0.conv_0.conv.weight.grad.abs().sum() > 0
+    assert not tiny_model.organ_embedding.requires_grad
+
+
+def _original_keys(backbone: str) -> set[str]:
+    path = REFERENCE / f"original_state_dict_{backbone}.tsv"
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    return {line.split("\t")[0] for line in path.read_text().splitlines() if line and not line.startswith("#")}
+
+
+def test_head_names_match_the_original(tiny_model: UniversalModel) -> None:
+    ours = {k for k in tiny_model.state_dict() if not k.startswith("backbone.")}
+    assert ours == {k for k in _original_keys("unet") if not k.startswith("backbone.")}
+
+
+def test_swinunetr_names_match_the_original() -> None:
+    model = build_model(ModelConfig(backbone="swinunetr", feature_size=12), torch.randn(3, 512))
+    assert set(model.state_dict()) == _original_keys("swinunetr")
+
+
+def test_swinunetr_forward() -> None:
+    pytest.importorskip("einops")  # MONAI's SwinUNETR needs einops
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="swinunetr", feature_size=12, window_size=4), torch.randn(3, 512))
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 64, 64, 64), classes=[2]).shape == (1, 1, 64, 64, 64)
+
+
+def test_config_round_trip_and_errors() -> None:
+    assert ModelConfig.from_dict(TINY_UNET.to_dict()) == TINY_UNET
+    with pytest.raises(ValueError, match="bogus"):
+        ModelConfig.from_dict({"bogus": 1})
+    with pytest.raises(ValueError, match="backbone"):
+        ModelConfig(backbone="vnet")
+    with pytest.raises(ValueError, match="embedding_dim"):
+        build_model(TINY_UNET, torch.randn(3, 256))
+
+
+def test_load_embeddings_reorders_and_names_missing(tmp_path: Path) -> None:
+    table = torch.arange(6, dtype=torch.float16).reshape(3, 2)
+    path = tmp_path / "prompts.pt"
+    torch.save({"embeddings": table, "class_names": ["A", "B", "C"], "prompts": [], "encoder": {}}, path)
+    rows = load_embeddings(path, ["C", "A"])
+    assert rows.dtype == torch.float32
+    assert rows.tolist() == [[4.0, 5.0], [0.0, 1.0]]
+    with pytest.raises(ValueError, match=r"\['D', 'E'\]"):
+        load_embeddings(path, ["A", "D", "E"])
+
+
+def test_checkpoint_round_trip(tiny_model: UniversalModel, tmp_path: Path) -> None:
+    names = ["Spleen", "Liver", "Pancreas", "Liver Tumor", "Aorta"]
+    path = tmp_path / "ck" / "model.pt"
+    save_checkpoint(path, tiny_model, TINY_UNET, names, {"step": 7, "rng": torch.ones(3)})
+    assert not list(path.parent.glob("*.tmp"))
+    raw = torch.load(path, weights_only=True)
+    assert raw["class_names"] == names and raw["extra"]["step"] == 7
+    model, meta = load_checkpoint(path, expected_class_names=names)
+    assert meta["model_config"] == TINY_UNET.to_dict() and "model" not in meta
+    x = torch.randn(1, 1, 32, 32, 32)
+    model.eval()
+    tiny_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), tiny_model(x), rtol=0, atol=0)
+
+
+def test_checkpoint_class_mismatch_names_classes(tiny_model: UniversalModel, tmp_path: Path) -> None:
+    names = ["Spleen", "Liver", "Pancreas", "Liver Tumor", "Aorta"]
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, tiny_model, TINY_UNET, names)
+    with pytest.raises(ValueError, match=r"missing from the checkpoint: \['Stomach'\]; not expected: \['Aorta'\]"):
+        load_checkpoint(path, expected_class_names=[*names[:4], "Stomach"])
+    with pytest.raises(ValueError, match="another order"):
+        load_checkpoint(path, expected_class_names=names[::-1])

@@ -1,0 +1,143 @@
+"""Tests of universal.patches on a tiny synthetic zarr training store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from universal.classes import load_class_table
+from universal.patches import PatchConfig, PatchDataset, PatchSampler, patch_loader, read_patch
+from universal.store import write_case
+from universal.volume import Volume
+
+SHAPE = (48, 48, 48)
+AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
+AFFINE[:3, 3] = -47.0  # x_mm = 2 i - 47: columns 0..23 on the patient's left, 24..47 on the right
+NO_AUGMENTATION = {"rotate90_prob": 0.0, "shift_intensity_prob": 0.0}
+
+
+def _sphere(centre: tuple[int, int, int], radius: float) -> np.ndarray:
+    grid = np.indices(SHAPE)
+    return sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) <= radius**2
+
+
+def write_store(root: Path, classes, seed: int = 0) -> list[Path]:
+    """Two stores: kidneys (organs + a tumour in the left kidney) and spleen + liver (organs only)."""
+    rng = np.random.default_rng(seed)
+    layouts = {"kidney": [("Right Kidney", (34, 24, 24), 6), ("Left Kidney", (13, 24, 24), 6),
+                          ("Kidney Tumor", (13, 24, 24), 2.5)],
+               "abdomen": [("Liver", (32, 20, 24), 8), ("Spleen", (12, 30, 20), 5)]}
+    stores = []
+    for name, spheres in layouts.items():
+        store = root / f"{name}.zarr"
+        for case in range(2):
+            image = rng.normal(-900, 20, SHAPE).astype(np.int16)
+            label = np.zeros(SHAPE, dtype=np.uint8)
+            for cls, centre, radius in spheres:
+                shifted = tuple(c + case for c in centre)
+                label[_sphere(shifted, radius)] = classes[cls].index
+                image[_sphere(shifted, radius)] = 60 + 20 * case
+            attrs = {"dataset": name, "annotated": [s[0] for s in spheres], "midline_x_mm": 0.0}
+            write_case(store, f"{name}_{case}", Volume(image, AFFINE), Volume(label, AFFINE), attrs)
+        stores.append(store)
+    return stores
+
+
+@pytest.fixture(scope="module")
+def classes():
+    return load_class_table()
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, classes) -> list[Path]:
+    return write_store(tmp_path_factory.mktemp("stores"), classes)
+
+
+def _dataset(stores, classes, seed: int = 0, **options) -> PatchDataset:
+    return PatchDataset(stores, classes, PatchConfig(patch_size=(32, 32, 32), **options), seed=seed)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+
+
+def test_samples_are_deterministic_by_seed(stores, classes) -> None:
+    first = [_dataset(stores, classes)[i] for i in range(4)]
+    again = [_dataset(stores, classes)[i] for i in reversed(range(4))][::-1]
+    other = [_dataset(stores, classes, seed=1)[i] for i in range(4)]
+    assert all(_same(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(_same(a, b) for a, b in zip(first, other, strict=True))
+    sample = first[0]
+    assert sample["image"].shape == (1, 32, 32, 32) and sample["image"].dtype == torch.float32
+    assert sample["label"].shape == (32, 32, 32) and sample["label"].dtype == torch.int64
+    assert sample["x_mm"].shape == (32, 32)
+    assert -0.1 <= sample["image"].min() and sample["image"].max() <= 1.1  # window, then shift by <= 0.1
+
+
+def test_loader_batches_do_not_depend_on_workers(stores, classes) -> None:
+    dataset = _dataset(stores, classes)
+    batches = {}
+    for workers in (0, 2):
+        loader = iter(patch_loader(dataset, batch_size=2, start_step=1, num_workers=workers))
+        batches[workers] = [next(loader) for _ in range(2)]
+    for a, b in zip(batches[0], batches[2], strict=True):
+        assert _same(a, b)
+    batch = batches[0][0]
+    assert batch["image"].shape == (2, 1, 32, 32, 32) and batch["mask"].shape == (2, len(classes))
+    for row, names in zip(batch["mask"], batch["annotated"], strict=True):
+        assert sorted(row.nonzero().flatten().tolist()) == sorted(classes.channels(names))
+
+
+def test_sampler_continues_the_stream() -> None:
+    def take(sampler, n):
+        return [i for i, _ in zip(sampler, range(n), strict=False)]
+    assert take(PatchSampler(3), 9)[6:] == take(PatchSampler(3, start_step=2), 3) == [6, 7, 8]
+    assert take(PatchSampler(2, rank=1, world_size=2), 4) == [2, 3, 6, 7]
+
+
+def test_positive_crops_contain_annotated_foreground(stores, classes) -> None:
+    dataset = _dataset(stores[1:], classes, pos=1.0, neg=0.0, **NO_AUGMENTATION)
+    for i in range(6):
+        assert dataset[i]["label"].gt(0).any()
+
+
+def test_tumour_weighted_crops_contain_tumour(stores, classes) -> None:
+    dataset = _dataset(stores[:1], classes, tumour_ratios=(0.0, 0.0, 1.0), **NO_AUGMENTATION)
+    tumour = classes["Kidney Tumor"].index
+    for i in range(6):
+        assert dataset[i]["label"].eq(tumour).any()
+
+
+def test_small_volumes_are_padded(stores, classes) -> None:
+    dataset = PatchDataset(stores, classes, PatchConfig(patch_size=(64, 64, 64), **NO_AUGMENTATION))
+    sample = dataset[0]
+    assert sample["image"].shape == (1, 64, 64, 64)
+    assert sample["image"][0, :8].max() == 0.0 and sample["image"][0, -8:].max() == 0.0  # -1024 HU, windowed
+    assert sample["label"][:8].max() == 0 and sample["label"][8:56].max() > 0
+    assert sample["x_mm"][8, 0] == pytest.approx(-47.0)  # voxel 0 of the volume sits at patch index 8
+
+
+def test_x_coordinates_follow_rotations(stores, classes) -> None:
+    dataset = _dataset(stores[:1], classes, rotate90_prob=1.0, shift_intensity_prob=0.0)
+    right, left = classes["Right Kidney"].index, classes["Left Kidney"].index
+    for i in range(6):
+        sample = dataset[i]
+        x_mm = sample["x_mm"][:, :, None].expand(32, 32, 32)
+        assert (x_mm[sample["label"] == right] > 0).all()
+        assert (x_mm[sample["label"] == left] < 0).all()
+
+
+def test_read_patch_pads_outside_the_volume() -> None:
+    array = np.arange(27, dtype=np.int16).reshape(3, 3, 3)
+    patch = read_patch(array, (-1, 0, 1), (3, 3, 3), fill=-5)
+    assert (patch[0] == -5).all()
+    assert (patch[1:, :, :2] == array[:2, :, 1:]).all() and (patch[:, :, 2] == -5).all()
+
+
+def test_config_checks() -> None:
+    with pytest.raises(ValueError, match="x == y"):
+        PatchConfig(patch_size=(32, 16, 32))
+    assert PatchConfig.from_dict(PatchConfig().to_dict()) == PatchConfig()

@@ -1,0 +1,126 @@
+"""Tests of universal.targets (multi-hot targets, side rule, annotated mask) and universal.losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss
+
+from universal.classes import load_class_table
+from universal.losses import masked_bce_dice_loss
+from universal.targets import annotated_mask, multi_hot_targets
+
+
+@pytest.fixture(scope="module")
+def classes():
+    return load_class_table()
+
+
+def _value(classes, name: str) -> int:
+    return classes[name].index
+
+
+def test_tumour_counts_for_its_organ(classes) -> None:
+    label = torch.zeros(1, 4, 2, 2, dtype=torch.uint8)
+    label[0, 0] = _value(classes, "Liver")
+    label[0, 1] = _value(classes, "Liver Tumor")
+    label[0, 2] = _value(classes, "Spleen")
+    targets = multi_hot_targets(label, classes, torch.zeros(1, 4), torch.zeros(1))
+    liver, tumour, spleen = (targets[0, classes.channel(n)] for n in ("Liver", "Liver Tumor", "Spleen"))
+    assert targets.shape == (1, len(classes), 4, 2, 2) and targets.dtype == torch.bool
+    assert liver[0].all() and liver[1].all() and not liver[2:].any()
+    assert tumour[1].all() and not tumour[0].any()
+    assert spleen[2].all() and not spleen[[0, 1, 3]].any()
+    assert targets[0, :, 3].sum() == 0  # background counts for nothing
+    assert int(targets.sum()) == 4 * 4  # liver 4+4, tumour 4, spleen 4
+
+
+@pytest.mark.parametrize("per_column", [False, True])
+def test_bilateral_tumour_goes_to_the_side_of_the_midline(classes, per_column: bool) -> None:
+    label = torch.full((2, 4, 3, 1), _value(classes, "Kidney Tumor"), dtype=torch.uint8)
+    x_mm = torch.tensor([[-15.0, -5.0, 5.0, 15.0], [-15.0, -5.0, 5.0, 15.0]])
+    midline = torch.tensor([0.0, 10.0])
+    if per_column:
+        x_mm = x_mm[:, :, None].expand(2, 4, 3)
+    targets = multi_hot_targets(label, classes, x_mm, midline)
+    right = targets[:, classes.channel("Right Kidney"), :, 0, 0]
+    left = targets[:, classes.channel("Left Kidney"), :, 0, 0]
+    # RAS: x greater than the midline is the patient's right
+    assert right.tolist() == [[False, False, True, True], [False, False, False, True]]
+    assert left.tolist() == [[True, True, False, False], [True, True, True, False]]
+    assert targets[:, classes.channel("Kidney Tumor")].all()
+
+
+def test_rejects_bad_coordinate_shape(classes) -> None:
+    with pytest.raises(ValueError, match="x_mm"):
+        multi_hot_targets(torch.zeros(1, 4, 2, 2, dtype=torch.long), classes, torch.zeros(1, 3), torch.zeros(1))
+
+
+def test_annotated_mask(classes) -> None:
+    mask = annotated_mask([["Liver", "Liver Tumor"], ["Spleen", "Kidney Cyst"]], classes)
+    assert mask.shape == (2, len(classes)) and mask.dtype == torch.bool
+    assert mask[0].nonzero().flatten().tolist() == [classes.channel("Liver"), classes.channel("Liver Tumor")]
+    assert mask[1].nonzero().flatten().tolist() == [classes.channel("Spleen")]  # disabled rows are ignored
+
+
+def _random_case(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, 3, 6, 5, 4, generator=generator)
+    targets = torch.rand(2, 3, 6, 5, 4, generator=generator) > 0.6
+    mask = torch.tensor([[True, False, True], [False, True, True]])
+    return logits, targets, mask
+
+
+def test_loss_equals_hand_computed_reference() -> None:
+    logits, targets, mask = _random_case()
+    total, parts = masked_bce_dice_loss(logits, targets, mask, smooth=1.0)
+    bce_terms, dice_terms = [], []
+    for b in range(2):
+        for k in range(3):
+            if not mask[b, k]:
+                continue
+            x, t = logits[b, k].double(), targets[b, k].double()
+            p = 1.0 / (1.0 + torch.exp(-x))
+            bce_terms.append((-(t * torch.log(p) + (1 - t) * torch.log(1 - p))).mean())
+            dice_terms.append(1 - (2 * (p * t).sum() + 1.0) / (p.sum() + t.sum() + 1.0))
+    bce, dice = torch.stack(bce_terms).mean(), torch.stack(dice_terms).mean()
+    assert parts["bce"].item() == pytest.approx(bce.item(), rel=1e-5)
+    assert parts["dice"].item() == pytest.approx(dice.item(), rel=1e-5)
+    assert total.item() == pytest.approx((bce + dice).item(), rel=1e-5)
+
+
+def test_dice_part_equals_monai_dice_loss() -> None:
+    logits, targets, mask = _random_case(1)
+    _, parts = masked_bce_dice_loss(logits, targets, mask, smooth=1.0)
+    monai = DiceLoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0, reduction="none")(logits, targets.float())
+    assert parts["dice"].item() == pytest.approx(monai.reshape(2, 3)[mask].mean().item(), rel=1e-6)
+    bce = F.binary_cross_entropy_with_logits(logits, targets.float(), reduction="none").mean(dim=(2, 3, 4))
+    assert parts["bce"].item() == pytest.approx(bce[mask].mean().item(), rel=1e-6)
+
+
+def test_unannotated_classes_get_exactly_zero_gradient() -> None:
+    logits, targets, mask = _random_case(2)
+    logits.requires_grad_(True)
+    total, _ = masked_bce_dice_loss(logits, targets, mask)
+    total.backward()
+    grad = logits.grad.flatten(2).abs().sum(dim=2)
+    assert (grad[~mask] == 0).all()
+    assert (grad[mask] > 0).all()
+
+
+def test_no_annotated_class_gives_zero_loss() -> None:
+    logits, targets, _ = _random_case(3)
+    logits.requires_grad_(True)
+    total, parts = masked_bce_dice_loss(logits, targets, torch.zeros(2, 3, dtype=torch.bool))
+    total.backward()
+    assert total.item() == 0.0 and parts["dice"].item() == 0.0
+    assert (logits.grad == 0).all()
+
+
+def test_loss_rejects_mismatched_shapes() -> None:
+    logits, targets, mask = _random_case()
+    with pytest.raises(ValueError, match="mask"):
+        masked_bce_dice_loss(logits, targets, mask[:, :2])
+    with pytest.raises(ValueError, match="shape"):
+        masked_bce_dice_loss(logits, targets[:, :2], mask)

@@ -1,0 +1,146 @@
+"""Tests of universal.train: a few steps on a tiny synthetic store, checkpoints and exact resumption."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import universal.train as train_module
+from universal.classes import load_class_table
+from universal.model import ModelConfig, load_checkpoint
+from universal.patches import PatchConfig
+from universal.store import write_case
+from universal.train import (
+    TrainConfig,
+    latest_checkpoint,
+    lr_at_step,
+    rng_state,
+    set_rng_state,
+    train,
+    train_config_from_options,
+)
+from universal.volume import Volume
+
+SHAPE = (40, 40, 40)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict:
+    """Two one-case stores (kidneys with a tumour; liver) and an embeddings file for the default class table."""
+    root = tmp_path_factory.mktemp("train_inputs")
+    classes = load_class_table()
+    rng = np.random.default_rng(0)
+    grid = np.indices(SHAPE)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = -39.0
+    stores = []
+    for name, spheres in {"kidney": [("Right Kidney", (28, 20, 20)), ("Left Kidney", (11, 20, 20)),
+                                     ("Kidney Tumor", (11, 20, 20))],
+                          "liver": [("Liver", (24, 18, 20))]}.items():
+        image = rng.normal(-900, 20, SHAPE).astype(np.int16)
+        label = np.zeros(SHAPE, dtype=np.uint8)
+        for cls, centre in spheres:
+            inside = sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) <= (3 if "Tumor" in cls else 6) ** 2
+            label[inside], image[inside] = classes[cls].index, 80
+        attrs = {"dataset": name, "annotated": [s[0] for s in spheres], "midline_x_mm": 0.0}
+        write_case(root / f"{name}.zarr", f"{name}_0", Volume(image, affine), Volume(label, affine), attrs)
+        stores.append(str(root / f"{name}.zarr"))
+    embeddings = root / "prompts.pt"
+    torch.save({"embeddings": torch.randn(len(classes), 512), "class_names": classes.names,
+                "prompts": classes.prompts, "encoder": {"model": "random"}}, embeddings)
+    return {"stores": stores, "embeddings": str(embeddings)}
+
+
+def _config(inputs: dict, out_dir: Path, **changes) -> TrainConfig:
+    options = {"stores": inputs["stores"], "embeddings": inputs["embeddings"], "out_dir": str(out_dir),
+               "model": ModelConfig(backbone="unet", features=(8, 8, 16, 16, 32, 8)),
+               "patches": PatchConfig(patch_size=(32, 32, 32)), "batch_size": 2, "steps": 6, "warmup_steps": 2,
+               "lr": 1e-3, "checkpoint_every": 3, "num_workers": 0, "amp": "off", "device": "cpu"}
+    return TrainConfig(**{**options, **changes})
+
+
+def _losses(out_dir: Path) -> list[tuple[int, str]]:
+    with (out_dir / "train_log.csv").open() as f:
+        return [(int(row["step"]), row["loss"]) for row in csv.DictReader(f)]
+
+
+def test_train_writes_log_and_checkpoints(inputs: dict, tmp_path: Path) -> None:
+    final = train(_config(inputs, tmp_path))
+    assert final == tmp_path / "final.pt"
+    assert [step for step, _ in _losses(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(float(loss)) for _, loss in _losses(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000003.pt", "step_00000006.pt"]
+    record = torch.load(latest_checkpoint(tmp_path), weights_only=True)
+    assert record["extra"]["step"] == 6 and "optimizer" in record["extra"] and "rng" in record["extra"]
+    model, meta = load_checkpoint(final, expected_class_names=load_class_table().names)
+    assert meta["extra"]["step"] == 6 and model.num_classes == 31
+    assert list((tmp_path / "tensorboard").iterdir())
+
+
+def test_resumed_run_repeats_the_uninterrupted_losses(inputs: dict, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    whole = tmp_path / "whole"
+    train(_config(inputs, whole))
+
+    broken = tmp_path / "broken"
+    real_step = train_module.train_step
+    calls = []
+
+    def crash_on_fifth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", crash_on_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(inputs, broken))
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    assert [step for step, _ in _losses(broken)] == [1, 2, 3, 4]
+    assert latest_checkpoint(broken).name == "step_00000003.pt"
+
+    train(_config(inputs, broken))  # resumes at step 3, redoes step 4
+    assert _losses(broken) == _losses(whole)
+
+
+def test_bf16_autocast_on_cpu_runs(inputs: dict, tmp_path: Path) -> None:
+    train(_config(inputs, tmp_path, steps=2, amp="auto", bf16_on_cpu=True))
+    assert all(np.isfinite(float(loss)) for _, loss in _losses(tmp_path))
+
+
+def test_learning_rate_schedule(inputs: dict, tmp_path: Path) -> None:
+    config = _config(inputs, tmp_path, steps=110, warmup_steps=10, lr=1e-3, min_lr=1e-5)
+    assert lr_at_step(0, config) == pytest.approx(1e-4)
+    assert lr_at_step(9, config) == pytest.approx(1e-3)
+    assert lr_at_step(60, config) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
+    assert lr_at_step(110, config) == pytest.approx(1e-5)
+
+
+def test_rng_state_survives_weights_only_load(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    np.random.seed(3)
+    random.seed(3)
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (torch.rand(2), np.random.rand(2), random.random())
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert torch.equal(torch.rand(2), expected[0])
+    assert np.array_equal(np.random.rand(2), expected[1]) and random.random() == expected[2]
+
+
+def test_config_from_flat_options(inputs: dict, tmp_path: Path) -> None:
+    options = {"backbone": "unet", "features": [16, 16, 32, 64, 128, 16], "patch_size": [64, 64, 64],
+               "batch_size": 2, "steps": 500, "bf16_on_cpu": True, "device": "cpu"}
+    config = train_config_from_options(options, stores=inputs["stores"], weights=[1.0, 2.0],
+                                       embeddings=inputs["embeddings"], classes=None, include_classes=[],
+                                       out_dir=tmp_path)
+    assert config.model.features == (16, 16, 32, 64, 128, 16) and config.patches.patch_size == (64, 64, 64)
+    assert config.steps == 500 and config.bf16_on_cpu and config.weights == [1.0, 2.0]
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="bogus"):
+        train_config_from_options({"bogus": 1}, stores=[], weights=None, embeddings="e", classes=None,
+                                  include_classes=[], out_dir=tmp_path)

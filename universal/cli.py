@@ -1,0 +1,224 @@
+"""The ``universal`` command: one subcommand per workflow stage, each a thin call into the package."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from universal.catalog import CatalogError, find_cases, load_catalog, read_manifest, write_manifest
+from universal.classes import ClassTableError, load_class_table
+
+
+def _add_tables(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--classes", type=Path, default=None, help="class table YAML (default: config/classes.yaml)")
+    parser.add_argument("--include-class", action="append", default=[], metavar="NAME",
+                        help="switch on a disabled class-table row (repeatable), e.g. 'Kidney Cyst'")
+
+
+def _add_catalog(parser: argparse.ArgumentParser) -> None:
+    _add_tables(parser)
+    parser.add_argument("--catalog", type=Path, default=None,
+                        help="dataset catalog YAML (default: config/datasets.yaml)")
+    parser.add_argument("--dataset", required=True, help="catalog key of the dataset")
+
+
+def _classes(args: argparse.Namespace):
+    return load_class_table(args.classes, include=args.include_class)
+
+
+def _entry(args: argparse.Namespace):
+    classes = _classes(args)
+    catalog = load_catalog(args.catalog, classes)
+    if args.dataset not in catalog:
+        raise CatalogError(f"dataset {args.dataset!r} is not in the catalog; known: {', '.join(catalog)}")
+    return classes, catalog[args.dataset]
+
+
+def cmd_demo_data(args: argparse.Namespace) -> None:
+    from universal.demo_data import write_demo_data
+
+    roots = write_demo_data(args.out, cases_per_dataset=args.cases, external_cases=args.external_cases,
+                            seed=args.seed)
+    for key, root in roots.items():
+        print(f"{key}\t{root}")
+
+
+def cmd_manifest(args: argparse.Namespace) -> None:
+    _, entry = _entry(args)
+    cases = find_cases(entry, args.root)
+    write_manifest(cases, args.out)
+    print(f"[manifest] {entry.key}: {len(cases)} cases -> {args.out}", file=sys.stderr)
+
+
+def cmd_harmonize(args: argparse.Namespace) -> None:
+    from universal.harmonize import harmonize_dataset
+
+    classes, entry = _entry(args)
+    cases = read_manifest(args.manifest)
+    failed = harmonize_dataset(cases, entry, classes, args.out, tuple(args.spacing), args.report)
+    print(f"[harmonize] {entry.key}: {len(cases) - len(failed)} cases written, {len(failed)} failed "
+          f"(see {args.report})", file=sys.stderr)
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    from universal.embed import EncoderSpec, embed_prompts, import_embeddings, save_embeddings
+
+    classes = _classes(args)
+    if args.from_file:
+        names = args.names.read_text().splitlines() if args.names else None
+        record = import_embeddings(args.from_file, classes, names)
+    else:
+        spec = EncoderSpec(model=args.model, pretrained=args.pretrained, weights_file=args.weights_file)
+        if spec.pretrained.lower() == "none" and not spec.weights_file:
+            logging.warning("embedding prompts with a RANDOMLY INITIALISED text tower (pretrained: none): the "
+                            "embeddings carry no language knowledge; use this for demos and tests only")
+        record = embed_prompts(classes, spec)
+    save_embeddings(record, args.out)
+    print(f"[embed] {len(record['class_names'])} classes x {record['embeddings'].shape[1]} dims "
+          f"({record['encoder'].get('model')}, pretrained={record['encoder'].get('pretrained')}) -> {args.out}",
+          file=sys.stderr)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from universal.train import train, train_config_from_options
+
+    options = json.loads(args.options) if args.options else {}
+    config = train_config_from_options(options, stores=args.stores, weights=args.weights,
+                                       embeddings=args.embeddings, classes=args.classes,
+                                       include_classes=args.include_class, out_dir=args.out_dir)
+    final = train(config)
+    print(f"[train] final checkpoint: {final}", file=sys.stderr)
+
+
+def cmd_infer(args: argparse.Namespace) -> None:
+    from universal.infer import InferenceSettings, infer_cases
+
+    classes = _classes(args)
+    cases = read_manifest(args.manifest)
+    chosen = [c for i, c in enumerate(cases) if i % args.batches == args.batch]
+    settings = InferenceSettings(spacing=tuple(args.spacing), window_hu=tuple(args.window), roi=tuple(args.roi),
+                                 overlap=args.overlap, sw_batch_size=args.sw_batch_size, threshold=args.threshold,
+                                 device=args.device, export_nifti=args.nifti)
+    failed = infer_cases(chosen, args.checkpoint, classes, args.out, settings)
+    if failed:
+        print(f"[infer] {len(failed)} of {len(chosen)} cases failed: {failed} (see {args.out}/failed.tsv)",
+              file=sys.stderr)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from universal.evaluate import evaluate_predictions
+
+    classes, entry = _entry(args)
+    cases = read_manifest(args.manifest)
+    evaluate_predictions(cases, entry, classes, args.predictions, args.out)
+
+
+def cmd_aggregate(args: argparse.Namespace) -> None:
+    from universal.aggregate import aggregate
+
+    classes = _classes(args)
+    paths = sorted(p for folder in args.metrics for p in Path(folder).glob("*.tsv"))
+    outputs = aggregate(paths, classes, args.out, threads=args.threads)
+    print(f"[aggregate] {len(paths)} case tables -> {', '.join(str(p) for p in outputs.values())}",
+          file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="universal", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo-data", help="write the synthetic phantom datasets in their native layouts")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--cases", type=int, default=6, help="cases per training dataset")
+    p.add_argument("--external-cases", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("manifest", help="list a dataset's cases from its folder into a validated manifest")
+    _add_catalog(p)
+    p.add_argument("--root", type=Path, required=True, help="the dataset's folder")
+    p.add_argument("--out", type=Path, required=True, help="manifest TSV to write")
+    p.set_defaults(func=cmd_manifest)
+
+    p = sub.add_parser("harmonize", help="harmonize labels and resample a dataset into a zarr store")
+    _add_catalog(p)
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="zarr store to write (<dataset>.zarr)")
+    p.add_argument("--spacing", type=float, nargs=3, default=(1.5, 1.5, 1.5), metavar=("X", "Y", "Z"))
+    p.add_argument("--report", type=Path, required=True, help="per-case status TSV")
+    p.set_defaults(func=cmd_harmonize)
+
+    p = sub.add_parser("embed", help="embed each class's prompt with a CLIP text encoder (open-clip-torch)")
+    _add_tables(p)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--model", default="ViT-B-32", help="open_clip model name, e.g. ViT-B-32 or an hf-hub: name")
+    p.add_argument("--pretrained", default="openai", help="open_clip pretrained tag, or 'none' for random init")
+    p.add_argument("--weights-file", default=None, help="local weights file (offline clusters)")
+    p.add_argument("--from-file", type=Path, default=None, help="import a precomputed table (e.g. txt_encoding.pth)")
+    p.add_argument("--names", type=Path, default=None, help="row names of a bare tensor, one per line")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("train", help="train the universal model on zarr stores")
+    _add_tables(p)
+    p.add_argument("--stores", type=Path, nargs="+", required=True)
+    p.add_argument("--weights", type=float, nargs="*", default=None, help="sampling weight per store")
+    p.add_argument("--embeddings", type=Path, required=True)
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--options", default=None, help="JSON object of training settings (the config's train section)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("infer", help="predict CTs of a manifest into OME-Zarr (one batch: model loaded once)")
+    _add_tables(p)
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--batch", type=int, default=0)
+    p.add_argument("--batches", type=int, default=1)
+    p.add_argument("--spacing", type=float, nargs=3, default=(1.5, 1.5, 1.5))
+    p.add_argument("--window", type=float, nargs=2, default=(-175.0, 250.0), metavar=("LOW", "HIGH"))
+    p.add_argument("--roi", type=int, nargs=3, default=(96, 96, 96))
+    p.add_argument("--overlap", type=float, default=0.5)
+    p.add_argument("--sw-batch-size", type=int, default=2)
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--nifti", action="store_true", help="also write organ and tumour label maps as NIfTI")
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("evaluate", help="Dice per case and class of predictions against harmonized labels")
+    _add_catalog(p)
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--predictions", type=Path, required=True, help="folder of <case>.ome.zarr predictions")
+    p.add_argument("--out", type=Path, required=True, help="folder for one metrics TSV per case")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("aggregate", help="aggregate per-case metrics with dask into tables and a plot")
+    _add_tables(p)
+    p.add_argument("--metrics", type=Path, nargs="+", required=True, help="folders of per-case metric TSVs")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=cmd_aggregate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from universal.embed import EmbedError
+    from universal.harmonize import HarmonizeError
+    from universal.volume import VolumeError
+
+    try:
+        args.func(args)
+    except (CatalogError, ClassTableError, EmbedError, HarmonizeError, VolumeError, ValueError) as err:
+        print(f"universal {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

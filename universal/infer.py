@@ -1,0 +1,126 @@
+"""Inference on CT volumes: load the model once, then for each case resample, sliding-window predict,
+post-process, map back to the input grid and write an OME-Zarr prediction (optionally NIfTI label maps too).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from universal.catalog import Case
+from universal.classes import ClassTable
+from universal.harmonize import body_midline_x_mm
+from universal.intensity import DEFAULT_WINDOW_HU, window
+from universal.model import load_checkpoint
+from universal.ome import write_prediction
+from universal.postprocess import exclusive_label_map, postprocess_masks
+from universal.volume import Volume, VolumeError, load_nifti, resample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How to run the model: grid spacing (mm, x y z), window (HU), sliding-window ROI (voxels) and overlap."""
+
+    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
+    window_hu: tuple[float, float] = DEFAULT_WINDOW_HU
+    roi: tuple[int, int, int] = (96, 96, 96)
+    overlap: float = 0.5
+    sw_batch_size: int = 2
+    threshold: float = 0.5
+    device: str = "cpu"
+    export_nifti: bool = False
+
+
+@dataclass
+class CasePrediction:
+    """Organ and tumour label maps (uint8, universal values) on the input's RAS grid, and the probability maps'
+    mid-line used for side decisions."""
+
+    image: Volume
+    organs: np.ndarray
+    tumours: np.ndarray
+    midline_x_mm: float
+
+
+def predict_volume(model: torch.nn.Module, image: Volume, classes: ClassTable,
+                   settings: InferenceSettings) -> CasePrediction:
+    """Predict one CT (RAS+ volume in HU) and return label maps on its own grid."""
+    grid = resample(Volume(image.array.astype(np.float32), image.affine), settings.spacing, order=1)
+    inputs = window(grid.array, *settings.window_hu)[None, None].to(settings.device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=settings.device.startswith("cuda"))
+    with torch.inference_mode(), autocast:
+        logits = sliding_window_inference(inputs, settings.roi, settings.sw_batch_size, model,
+                                          overlap=settings.overlap, mode="gaussian")
+    probabilities = torch.sigmoid(logits[0].float()).cpu().numpy()
+    midline = body_midline_x_mm(grid)
+    masks = postprocess_masks(probabilities > settings.threshold, classes, grid.affine, midline)
+    organ_channels = [classes.channel(c.name) for c in classes.organs()]
+    tumour_channels = [classes.channel(c.name) for c in classes.tumours()]
+    organs = exclusive_label_map(masks, probabilities, organ_channels, [c.index for c in classes.organs()])
+    tumours = exclusive_label_map(masks, probabilities, tumour_channels, [c.index for c in classes.tumours()])
+    back = [resample(Volume(m, grid.affine), image.spacing, order=0, shape=image.shape).array
+            for m in (organs, tumours)]
+    return CasePrediction(image, back[0], back[1], midline)
+
+
+def export_nifti(prediction: np.ndarray, source: Path, path: Path) -> None:
+    """Write a RAS label map as NIfTI in the source file's own orientation and affine."""
+    original = nib.load(str(source))
+    transform = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")),
+                                                nib.orientations.io_orientation(original.affine))
+    data = nib.orientations.apply_orientation(prediction, transform).astype(np.uint8)
+    image = nib.Nifti1Image(data, original.affine)
+    image.set_qform(original.affine, code=1)
+    image.set_sform(original.affine, code=1)
+    tmp = path.with_name(path.name.replace(".nii.gz", ".partial.nii.gz"))
+    nib.save(image, str(tmp))
+    tmp.replace(path)
+
+
+def infer_cases(cases: list[Case], checkpoint: str | Path, classes: ClassTable, out_dir: str | Path,
+                settings: InferenceSettings) -> list[str]:
+    """Predict every case into ``out_dir/<case_id>.ome.zarr``, loading the model once.
+
+    A case that fails (unreadable or malformed image) is logged and listed in ``out_dir/failed.tsv``; the
+    others go on. Returns the failed case ids.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, _ = load_checkpoint(checkpoint, expected_class_names=classes.names, map_location=settings.device)
+    model.eval()
+    failed: list[tuple[str, str]] = []
+    for number, case in enumerate(cases, start=1):
+        start = time.perf_counter()
+        try:
+            image = load_nifti(case.image)
+        except VolumeError as err:
+            failed.append((case.case_id, str(err)))
+            log.error("case %s failed: %s", case.case_id, err)
+            continue
+        prediction = predict_volume(model, image, classes, settings)
+        attrs = {"case_id": case.case_id, "dataset": case.dataset, "source_image": str(case.image),
+                 "source_affine": nib.load(str(case.image)).affine.tolist(), "checkpoint": str(checkpoint),
+                 "midline_x_mm": prediction.midline_x_mm, "threshold": settings.threshold,
+                 "spacing_model_mm": list(settings.spacing), "class_table_digest": classes.digest()}
+        hu = np.clip(np.rint(image.array), -32768, 32767).astype(np.int16)
+        write_prediction(out_dir / f"{case.case_id}.ome.zarr", Volume(hu, image.affine), prediction.organs,
+                         prediction.tumours, classes, attrs)
+        if settings.export_nifti:
+            for name, labels in (("organs", prediction.organs), ("tumours", prediction.tumours)):
+                export_nifti(labels, case.image, out_dir / f"{case.case_id}_{name}.nii.gz")
+        print(f"[infer] {number}/{len(cases)} {case.case_id}: {time.perf_counter() - start:.1f} s",
+              file=sys.stderr, flush=True)
+    with (out_dir / "failed.tsv").open("w") as handle:
+        handle.write("case_id\terror\n")
+        handle.writelines(f"{case_id}\t{error}\n" for case_id, error in failed)
+    return [case_id for case_id, _ in failed]

@@ -1,0 +1,52 @@
+"""The partial-label training loss: BCE + soft Dice over the annotated (sample, class) pairs only."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DEFAULT_DICE_SMOOTH = 1.0
+
+
+def masked_bce_dice_loss(logits: Tensor, targets: Tensor, mask: Tensor,
+                         smooth: float = DEFAULT_DICE_SMOOTH) -> tuple[Tensor, dict[str, Tensor]]:
+    """BCE-with-logits + soft Dice, each averaged over the (sample, class) pairs where ``mask`` is true.
+
+    ``logits`` (B, K, X, Y, Z) (any spatial rank), ``targets`` of the same shape (bool or float in [0, 1]),
+    ``mask`` (B, K) bool: the classes each sample's dataset annotates. Returns ``(total, {"bce", "dice"})`` with
+    ``total = bce + dice`` (equal weights, as the original) and detached parts.
+
+    Per (sample b, class k), over all voxels: BCE is the voxel mean of binary cross-entropy; soft Dice is
+    ``1 − (2·Σ p·t + ε) / (Σ p + Σ t + ε)`` with ``p = sigmoid(logit)`` and ``ε = smooth``. Pairs outside the mask
+    are never computed, so unannotated classes get exactly zero gradient (the original's partial-label rule:
+    a class a dataset does not label is unknown, not background). With no annotated pair the loss is 0.
+
+    Why this Dice: the original's ``BinaryDiceLoss`` flattened with ``view(shape[0], -1)`` until 2024-05, which
+    for one (X, Y, Z) channel is a Dice per first-axis slice (smooth 1 in the denominator only; empty slices add
+    a constant 1). Its 2024 change to ``view(-1)`` kept ``sum(dim=1)`` and raises ``IndexError`` at HEAD. We use one
+    Dice per (sample, class) volume, with ε in numerator and denominator so that an empty target rewards an
+    empty prediction (loss → 0) instead of adding a constant; ε = 1 keeps that gradient useful.
+    """
+    if logits.shape != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ in shape")
+    if mask.shape != logits.shape[:2]:
+        raise ValueError(f"mask must be (B, K) = {tuple(logits.shape[:2])}, got {tuple(mask.shape)}")
+    mask = mask.to(device=logits.device, dtype=torch.bool)
+    if not mask.any():
+        zero = logits.sum() * 0.0
+        return zero, {"bce": zero.detach(), "dice": zero.detach()}
+    selected = logits[mask].flatten(1).float()  # (M, N) for the M annotated pairs
+    truth = targets[mask].flatten(1).to(selected.dtype)
+    bce = F.binary_cross_entropy_with_logits(selected, truth, reduction="none").mean(dim=1).mean()
+    dice = soft_dice_loss(selected, truth, smooth).mean()
+    total = bce + dice
+    return total, {"bce": bce.detach(), "dice": dice.detach()}
+
+
+def soft_dice_loss(logits: Tensor, targets: Tensor, smooth: float = DEFAULT_DICE_SMOOTH) -> Tensor:
+    """Per-row soft Dice loss (M,) for logits and targets (M, N): ``1 − (2Σpt + ε)/(Σp + Σt + ε)``."""
+    probs = torch.sigmoid(logits)
+    intersection = (probs * targets).sum(dim=1)
+    denominator = probs.sum(dim=1) + targets.sum(dim=1)
+    return 1.0 - (2.0 * intersection + smooth) / (denominator + smooth)

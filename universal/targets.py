@@ -1,0 +1,80 @@
+"""Training targets derived at load time from exclusive universal label maps and the class table.
+
+A stored label map is exclusive (a tumour voxel holds the tumour's value, not its organ's). The model's channels
+overlap: an organ channel also covers the tumours inside it. A tumour with two lateral parents (Kidney Tumor in the
+right or left kidney, Lung Tumor in either lung) counts for the parent on the voxel's side of the body midline:
+RAS +x is the patient's right, so a voxel with x_mm > midline_x_mm is on the right.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from universal.classes import ClassTable
+
+
+def membership_tables(classes: ClassTable, num_values: int) -> tuple[Tensor, Tensor]:
+    """Lookup tables (K, num_values) bool: entry [k, v] says label value v counts for channel k, for a voxel on
+    the patient's right (first table) and left (second table).
+
+    A value counts for its own class, and a tumour value also for its parent organ; when a tumour has several
+    parents, only for those whose ``side`` is unset or equals the voxel's side. Values outside the table count
+    for no channel.
+    """
+    right = torch.zeros(len(classes), num_values, dtype=torch.bool)
+    left = torch.zeros_like(right)
+    for channel, cls in enumerate(classes):
+        if cls.index >= num_values:
+            continue
+        right[channel, cls.index] = left[channel, cls.index] = True
+        for parent_name in cls.parents:
+            parent_channel = classes.channel(parent_name)
+            side = classes[parent_name].side if len(cls.parents) > 1 else None
+            right[parent_channel, cls.index] = side != "left"
+            left[parent_channel, cls.index] = side != "right"
+    return right, left
+
+
+def multi_hot_targets(label: Tensor, classes: ClassTable, x_mm: Tensor, midline_x_mm: Tensor) -> Tensor:
+    """Multi-hot targets (B, K, X, Y, Z) bool for exclusive label maps ``label`` (B, X, Y, Z) (any integer dtype).
+
+    ``x_mm``: RAS x (mm) of each voxel column, (B, X), or of each (x, y) column, (B, X, Y) (after an in-plane
+    rotation the x coordinate varies along both axes). ``midline_x_mm``: (B,) RAS x of each body's midline.
+    Channel k is true where the label is class k, or a tumour whose parent (on the voxel's side) is class k.
+    """
+    if label.ndim != 4:
+        raise ValueError(f"label must be (B, X, Y, Z), got shape {tuple(label.shape)}")
+    label = label.long()
+    num_values = max(classes.max_index, int(label.max()) if label.numel() else 0) + 1
+    right_table, left_table = (t.to(label.device) for t in membership_tables(classes, num_values))
+    is_right = _right_side(x_mm.to(label.device), midline_x_mm.to(label.device), label.shape)
+    targets = torch.where(is_right.unsqueeze(0), right_table[:, label], left_table[:, label])  # (K, B, X, Y, Z)
+    return targets.transpose(0, 1).contiguous()
+
+
+def _right_side(x_mm: Tensor, midline_x_mm: Tensor, shape: torch.Size) -> Tensor:
+    """Bool (B, X, 1, 1) or (B, X, Y, 1): voxel columns on the patient's right of the midline."""
+    batch, nx, ny = shape[0], shape[1], shape[2]
+    if x_mm.shape == (batch, nx):
+        x_mm = x_mm[:, :, None, None]
+    elif x_mm.shape == (batch, nx, ny):
+        x_mm = x_mm[:, :, :, None]
+    else:
+        raise ValueError(f"x_mm must be (B, X) or (B, X, Y) for labels {tuple(shape)}, got {tuple(x_mm.shape)}")
+    return x_mm > midline_x_mm.reshape(batch, 1, 1, 1)
+
+
+def annotated_mask(annotated: Sequence[Sequence[str]], classes: ClassTable) -> Tensor:
+    """(B, K) bool: which classes each sample's dataset annotates.
+
+    Names not in ``classes`` (e.g. a disabled row such as Kidney Cyst) are ignored: the model has no channel
+    for them.
+    """
+    mask = torch.zeros(len(annotated), len(classes), dtype=torch.bool)
+    for row, names in enumerate(annotated):
+        channels = [classes.channel(name) for name in names if name in classes]
+        mask[row, channels] = True
+    return mask
