@@ -3,6 +3,21 @@
 An entry (see ``config/datasets.yaml``) maps each raw label value to a universal class, to a pair of classes
 split by anatomical side, or to nothing (dropped). Nothing downstream guesses file names: :func:`find_cases`
 turns an entry and a dataset folder into a validated case manifest.
+
+Layout kinds:
+
+- ``msd``: cases listed in a Medical Segmentation Decathlon ``dataset.json`` under ``root``;
+- ``pattern``: ``image`` and ``label`` paths with ``{case}`` (one NIfTI label map per case); ``extra`` lists
+  further ``{image, label}`` pattern pairs for datasets split over several folders (e.g. training and
+  validation);
+- ``per_structure``: ``image`` (a NIfTI file or a DICOM series folder) and ``label``, the case's folder of
+  one mask per structure; ``structures`` maps each mask's name (a file name without ``suffix``, or a folder of
+  DICOM or PNG slices; a shell pattern such as ``livertumor*`` matches several) to a raw label value, and
+  :mod:`universal.layouts` assembles the masks into one raw label map (later structures win where masks
+  overlap). ``allow_missing: true`` accepts cases without some of the masks.
+
+Every kind takes an optional ``case_numbers: [first, last]`` that keeps only cases whose number (the last
+group of digits of the case id) lies in that range, e.g. the CT cases of a dataset that also holds MRI.
 """
 
 from __future__ import annotations
@@ -17,7 +32,7 @@ import yaml
 
 from universal.classes import ClassTable
 
-LAYOUT_KINDS = ("msd", "pattern")
+LAYOUT_KINDS = ("msd", "pattern", "per_structure")
 ROLES = ("train", "external")
 SOURCE_KINDS = ("generated", "url", "zenodo", "idc", "manual")
 
@@ -119,13 +134,17 @@ def _parse_entry(path: Path, key: str, body: object, classes: ClassTable) -> Dat
     kind = layout.get("kind")
     if kind not in LAYOUT_KINDS:
         raise CatalogError(f"{where}: layout.kind must be one of {LAYOUT_KINDS}, got {kind!r}")
-    if kind == "pattern":
-        for k in ("image", "label"):
-            if "{case}" not in str(layout.get(k, "")):
-                raise CatalogError(f"{where}: layout.{k} must be a path containing {{case}}")
+    if kind in ("pattern", "per_structure"):
+        for group in (layout, *_extra_patterns(where, layout)):
+            for k in ("image", "label"):
+                if str(group.get(k, "")).count("{case}") != 1:
+                    raise CatalogError(f"{where}: layout.{k} must be a path containing {{case}} once")
+    _check_case_numbers(where, layout)
     if body["role"] not in ROLES:
         raise CatalogError(f"{where}: role must be one of {ROLES}, got {body['role']!r}")
     labels = tuple(_parse_label(where, raw, target, classes) for raw, target in body["labels"].items())
+    if kind == "per_structure":
+        _check_structures(where, layout, {rule.raw for rule in labels})
     mapped = [c for rule in labels for c in rule.classes]
     annotated = tuple(body.get("annotated") or dict.fromkeys(mapped))
     overrides = tuple(AnnotatedOverride(int(o["cases_from"]), tuple(o["annotated"]))
@@ -155,6 +174,35 @@ def _parse_label(where: str, raw: object, target: object, classes: ClassTable) -
     return LabelRule(raw, names)
 
 
+def _extra_patterns(where: str, layout: dict) -> list[dict]:
+    extra = layout.get("extra") or []
+    if not isinstance(extra, list) or not all(isinstance(group, dict) for group in extra):
+        raise CatalogError(f"{where}: layout.extra must be a list of {{image, label}} patterns")
+    return extra
+
+
+def _check_case_numbers(where: str, layout: dict) -> None:
+    bounds = layout.get("case_numbers")
+    if bounds is None:
+        return
+    if (not isinstance(bounds, list) or len(bounds) != 2 or not all(isinstance(b, int) for b in bounds)
+            or bounds[0] > bounds[1]):
+        raise CatalogError(f"{where}: layout.case_numbers must be [first, last] integers, got {bounds!r}")
+
+
+def _check_structures(where: str, layout: dict, raw_values: set[int]) -> None:
+    structures = layout.get("structures")
+    if not isinstance(structures, dict) or not structures:
+        raise CatalogError(f"{where}: layout.structures must map mask names to raw label values")
+    for name, raw in structures.items():
+        if not isinstance(name, str) or not name or "/" in name:
+            raise CatalogError(f"{where}: structure name {name!r} must be a non-empty file or folder name")
+        if raw not in raw_values:
+            raise CatalogError(f"{where}: structure {name!r} has raw value {raw!r}, which is not in labels")
+    if not isinstance(layout.get("suffix", ""), str):
+        raise CatalogError(f"{where}: layout.suffix must be a string such as '.nii.gz'")
+
+
 def _case_number(case_id: str) -> int | None:
     digits = re.findall(r"\d+", case_id)
     return int(digits[-1]) if digits else None
@@ -167,6 +215,9 @@ def find_cases(entry: DatasetEntry, root: str | Path) -> list[Case]:
         cases = _msd_cases(entry, root)
     else:
         cases = _pattern_cases(entry, root)
+    bounds = entry.layout.get("case_numbers")
+    if bounds is not None:
+        cases = [c for c in cases if (n := _case_number(c.case_id)) is not None and bounds[0] <= n <= bounds[1]]
     if not cases:
         raise CatalogError(f"dataset {entry.key!r}: no cases found under {root} with layout {entry.layout}")
     missing = [str(p) for c in cases for p in (c.image, c.label) if p is not None and not p.exists()]
@@ -191,18 +242,29 @@ def _msd_cases(entry: DatasetEntry, root: Path) -> list[Case]:
 
 
 def _pattern_cases(entry: DatasetEntry, root: Path) -> list[Case]:
-    image_pattern = entry.layout["image"]
-    prefix, suffix = image_pattern.split("{case}")
-    cases = []
-    for image in sorted(root.glob(image_pattern.replace("{case}", "*"))):
-        relative = image.relative_to(root).as_posix()
-        case_id = relative[len(prefix): len(relative) - len(suffix)]
-        label = root / entry.layout["label"].replace("{case}", case_id)
-        cases.append(Case(entry.key, case_id, image, label))
-    return cases
+    cases: dict[str, Case] = {}
+    for group in (entry.layout, *entry.layout.get("extra", ())):
+        image_pattern = group["image"]
+        prefix, suffix = image_pattern.split("{case}")
+        for image in sorted(root.glob(image_pattern.replace("{case}", "*"))):
+            relative = image.relative_to(root).as_posix()
+            case_id = relative[len(prefix): len(relative) - len(suffix)]
+            if case_id in cases:
+                raise CatalogError(f"dataset {entry.key!r}: case {case_id!r} is found twice: {cases[case_id].image} "
+                                   f"and {image}")
+            label = root / group["label"].replace("{case}", case_id)
+            cases[case_id] = Case(entry.key, case_id, image, label)
+    return list(cases.values())
 
 
 MANIFEST_COLUMNS = ("dataset", "case_id", "image", "label")
+
+
+def select_batch(cases: list[Case], batch: int, batches: int) -> list[Case]:
+    """The cases of one batch: case i of the manifest belongs to batch i % batches."""
+    if not 0 <= batch < batches:
+        raise ValueError(f"batch {batch} is outside 0..{batches - 1}")
+    return [c for i, c in enumerate(cases) if i % batches == batch]
 
 
 def write_manifest(cases: list[Case], path: str | Path) -> None:

@@ -13,6 +13,10 @@ numbering, so that every adapter of the workflow runs on them as it would on the
 Which classes a case labels and their raw values come from the catalog entry (``labels`` and
 ``annotated_for``): a tumour a dataset does not annotate is labelled as its parent organ when that organ is
 annotated, and as background otherwise. Images are int16 HU, labels uint8.
+
+The pieces are reusable: :func:`native_label` (the raw label map of any catalog entry, also when several raw
+values name one class), :func:`case_paths`, :func:`write_msd_json` and :func:`to_kits_axes` serve
+:mod:`universal.mirrors`, which writes a small mirror of every catalog dataset.
 """
 
 from __future__ import annotations
@@ -77,12 +81,45 @@ def raw_label(phantom: Phantom, entry: DatasetEntry, case: str, classes: ClassTa
         for name in rule.classes:
             if name in annotated:
                 lut[classes[name].index] = rule.raw
+    return lut[recorded_classes(phantom, annotated, classes)]
+
+
+def recorded_classes(phantom: Phantom, annotated: set[str] | frozenset[str], classes: ClassTable) -> np.ndarray:
+    """The phantom's universal label map with every tumour not in ``annotated`` replaced by its parent organ
+    (what a dataset that does not label that tumour records: the organ, tumour included)."""
     source = phantom.label.copy()
     for tumour in classes.tumours():
         if tumour.name not in annotated:
             voxels = phantom.label == tumour.index
             source[voxels] = phantom.organ_label[voxels]
-    return lut[source]
+    return source
+
+
+def native_label(phantom: Phantom, entry: DatasetEntry, case: str, classes: ClassTable,
+                 annotated: set[str] | None = None) -> np.ndarray:
+    """The phantom's label map in the raw numbering of ``entry`` for case ``case`` (uint8, or uint16 when a raw
+    value exceeds 255).
+
+    As :func:`raw_label` (``annotated`` defaults to ``entry.annotated_for(case)``), and where several raw
+    values name the same class (TotalSegmentator's lung lobes, a cyst value counted as kidney) the class's
+    voxels are shared among them in equal bands along z, the first value lowest, so that every value occurs.
+    """
+    annotated = set(entry.annotated_for(case)) if annotated is None else set(annotated)
+    dtype = np.uint8 if max((r.raw for r in entry.labels), default=0) < 256 else np.uint16
+    source = recorded_classes(phantom, annotated, classes)
+    out = np.zeros(source.shape, dtype=dtype)
+    for name in sorted(annotated & set(classes.names), key=lambda n: classes[n].index):
+        values = [rule.raw for rule in entry.labels if name in rule.classes]
+        voxels = np.nonzero(source == classes[name].index)
+        if not values or not len(voxels[0]):
+            continue
+        z = voxels[2]
+        band = np.zeros(len(z), dtype=np.int64)
+        if len(values) > 1:
+            edges = np.quantile(z, np.linspace(0, 1, len(values) + 1)[1:-1])
+            band = np.searchsorted(edges, z, side="right")
+        out[voxels] = np.asarray(values, dtype=dtype)[band]
+    return out
 
 
 def to_kits_axes(volume: Volume) -> Volume:
@@ -133,18 +170,18 @@ def _write_dataset(out_dir: Path, entry: DatasetEntry, classes: ClassTable, coun
         label = Volume(raw_label(phantom, entry, case, classes), phantom.affine)
         if spec.kits_axes:
             image, label = to_kits_axes(image), to_kits_axes(label)
-        image_path, label_path = _case_paths(entry, case)
+        image_path, label_path = case_paths(entry, case)
         save_nifti(image, partial / image_path)
         save_nifti(label, partial / label_path)
         written.append((image_path, label_path))
     if entry.layout_kind == "msd":
-        _write_msd_json(partial / entry.layout.get("root", ""), entry, written)
+        write_msd_json(partial / entry.layout.get("root", ""), entry, written)
     shutil.rmtree(root, ignore_errors=True)
     partial.replace(root)
     return root
 
 
-def _case_paths(entry: DatasetEntry, case: str) -> tuple[str, str]:
+def case_paths(entry: DatasetEntry, case: str) -> tuple[str, str]:
     """Image and label paths of a case relative to the dataset root, from the catalog layout."""
     if entry.layout_kind == "msd":
         task = Path(entry.layout.get("root", ""))
@@ -152,7 +189,7 @@ def _case_paths(entry: DatasetEntry, case: str) -> tuple[str, str]:
     return entry.layout["image"].replace("{case}", case), entry.layout["label"].replace("{case}", case)
 
 
-def _write_msd_json(task_root: Path, entry: DatasetEntry, written: list[tuple[str, str]]) -> None:
+def write_msd_json(task_root: Path, entry: DatasetEntry, written: list[tuple[str, str]]) -> None:
     """The MSD ``dataset.json``: task metadata, label names and the training list (paths relative to the task)."""
     labels = {"0": "background"} | {str(rule.raw): MSD_LABEL_NAMES.get(rule.classes[0], rule.classes[0].lower())
                                      for rule in entry.labels}

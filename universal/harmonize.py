@@ -26,9 +26,10 @@ from scipy import ndimage
 
 from universal.catalog import Case, DatasetEntry
 from universal.classes import ClassTable
+from universal.layouts import annotated_classes, read_image, read_raw_label
 from universal.sides import split_by_side
 from universal.store import open_store, write_case
-from universal.volume import Volume, VolumeError, load_nifti, resample, same_grid
+from universal.volume import Volume, VolumeError, resample, same_grid
 
 BODY_THRESHOLD_HU = -500.0
 
@@ -96,8 +97,8 @@ def harmonize_case(case: Case, entry: DatasetEntry, classes: ClassTable,
     """
     name = f"{entry.key}/{case.case_id}"
     try:
-        image = load_nifti(case.image)
-        label_raw = load_nifti(case.label) if case.label is not None else None
+        image = read_image(case, entry)
+        label_raw = read_raw_label(case, entry)
     except VolumeError as err:
         raise HarmonizeError(f"{name}: {err}") from err
     image = Volume(_to_int16_hu(image.array, case.image), image.affine)
@@ -117,7 +118,7 @@ def harmonize_case(case: Case, entry: DatasetEntry, classes: ClassTable,
     attrs = {"dataset": entry.key, "source_image": str(case.image),
              "source_label": None if case.label is None else str(case.label),
              "original_shape": list(image.shape), "original_affine": image.affine.tolist(),
-             "original_spacing": list(image.spacing), "annotated": list(entry.annotated_for(case.case_id)),
+             "original_spacing": list(image.spacing), "annotated": list(annotated_classes(case, entry)),
              "midline_x_mm": midline, "class_table_digest": classes.digest()}
     if target_spacing is not None:
         image = resample(image, target_spacing, order=1)
