@@ -40,10 +40,11 @@ def dataset_root(wildcards):
 
 
 def dataset_source(wildcards):
-    """The demo data marker for generated datasets; real datasets are read from their configured folder."""
+    """What must exist before a dataset's cases are listed: the demo data for generated datasets, the
+    download (or manual-download check) marker for the others."""
     if CATALOG[wildcards.dataset].source["kind"] == "generated":
         return f"{config['demo']['out']}/README.txt"
-    return []
+    return f"results/downloads/{wildcards.dataset}.done"
 
 
 def batches_of(dataset):

@@ -22,6 +22,32 @@ rule demo_data:
         "--external-cases {params.external} --seed {params.seed} > {log} 2>&1"
 
 
+# Downloads need the internet, which compute nodes often lack: they run on the host that runs Snakemake.
+# The dataset folder is not a declared output, so that a failed job never deletes hand-placed data or a
+# partial download that can be resumed.
+localrules:
+    download,
+
+
+rule download:
+    output:
+        "results/downloads/{dataset}.done",
+    log:
+        "logs/download/{dataset}.log",
+    params:
+        root=dataset_root,
+        tables=CATALOG_ARGS,
+    conda:
+        "../envs/universal.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=24 * 60,
+    shell:
+        "universal download {params.tables} --dataset {wildcards.dataset} --root {params.root} "
+        "--done {output} > {log} 2>&1"
+
+
 checkpoint manifest:
     input:
         dataset_source,
