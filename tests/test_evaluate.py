@@ -47,8 +47,10 @@ def test_case_table_has_one_row_per_class(classes):
     organs[2:10, 2:10, 2:9] = 6
     tumours = np.zeros_like(truth)
     tumours[4:6, 4:6, 4:6] = 27
-    table = evaluate_case(organs, tumours, Volume(truth, np.diag([2.0, 2.0, 2.0, 1.0])), classes, 20.0, "d", "c")
+    table = evaluate_case(organs, tumours, Volume(truth, np.diag([2.0, 2.0, 2.0, 1.0])), classes, 20.0, "d", "c",
+                          predicted=["Liver", "Liver Tumor"])
     assert len(table) == 31 and table["class"].tolist() == classes.names
+    assert table.loc[table["predicted"], "class"].tolist() == ["Liver", "Liver Tumor"]
     row = table.set_index("class")
     assert row.loc["Liver", "dice"] == pytest.approx(2 * 448 / (448 + 512))
     assert row.loc["Liver Tumor", "dice"] == 1.0
@@ -61,7 +63,8 @@ def test_aggregate_with_dask_matches_pandas(classes, tmp_path):
     paths = []
     for case in range(5):
         rows = [{"dataset": "ext" if case < 3 else "other", "case_id": f"c{case}", "class": c.name, "kind": c.kind,
-                 "dice": rng.random() if c.index % 7 else np.nan, "gt_ml": 1.0, "pred_ml": 2.0} for c in classes]
+                 "predicted": c.name != "Colon", "dice": rng.random() if c.index % 7 else np.nan, "gt_ml": 1.0,
+                 "pred_ml": 2.0} for c in classes]
         path = tmp_path / "metrics" / f"c{case}.tsv"
         path.parent.mkdir(exist_ok=True)
         pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
@@ -73,6 +76,7 @@ def test_aggregate_with_dask_matches_pandas(classes, tmp_path):
         assert per_class.loc[name, "dice_mean"] == pytest.approx(reference.mean()[name], abs=1e-4)
         assert per_class.loc[name, "dice_count"] == reference.count()[name]
     assert list(per_class.index) == classes.names
+    assert not per_class.loc["Colon", "predicted"] and per_class.loc["Liver", "predicted"]
     assert np.isnan(per_class.loc["Stomach", "dice_mean"])  # index 7: no values at all
     per_dataset = pd.read_csv(outputs["per_dataset_class"], sep="\t")
     assert set(per_dataset["dataset"]) == {"ext", "other"} and len(per_dataset) == 62

@@ -18,7 +18,7 @@ from universal.model import (
 )
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
-TINY_UNET = ModelConfig(backbone="unet", features=(8, 8, 16, 16, 32, 8))
+TINY_UNET = ModelConfig(backbone="unet", features=(8, 8, 16, 16, 32, 8), embedding_norm="none")
 
 
 @pytest.fixture
@@ -63,6 +63,24 @@ def test_batched_heads_equal_the_original_loop(tiny_model: UniversalModel) -> No
         torch.testing.assert_close(model64(x64), reference_heads(model64, x64), rtol=0, atol=1e-12)
 
 
+def test_centred_embeddings_drop_the_shared_direction() -> None:
+    torch.manual_seed(0)
+    shared = torch.randn(512) * 10
+    embeddings = shared + torch.randn(4, 512)
+    model = build_model(ModelConfig(backbone="unet", features=(8, 8, 16, 16, 32, 8)), embeddings)
+    assert "embedding_center" in model.state_dict()
+    torch.testing.assert_close(model.embedding_center, embeddings.mean(0))
+    centred = embeddings - embeddings.mean(0)
+    expected_task = torch.relu(model.text_to_vision(torch.nn.functional.normalize(centred, dim=1) * 512 ** 0.5))
+    deep = torch.randn(1, 32, 2, 2, 2)
+    image = model.GAP(deep).flatten(1)
+    condition = torch.cat([image.expand(4, -1), expected_task], dim=1)
+    expected = torch.nn.functional.linear(condition, model.controller.weight.flatten(1), model.controller.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(model.head_parameters(deep)[0], expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(model.head_parameters(deep, [2])[0, 0], expected[2], rtol=0, atol=1e-5)
+
+
 def test_chunked_heads_without_grad_equal_all_at_once(tiny_model: UniversalModel) -> None:
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
@@ -92,12 +110,11 @@ def test_head_names_match_the_original(tiny_model: UniversalModel) -> None:
 
 
 def test_swinunetr_names_match_the_original() -> None:
-    model = build_model(ModelConfig(backbone="swinunetr", feature_size=12), torch.randn(3, 512))
+    model = build_model(ModelConfig(backbone="swinunetr", feature_size=12, embedding_norm="none"), torch.randn(3, 512))
     assert set(model.state_dict()) == _original_keys("swinunetr")
 
 
 def test_swinunetr_forward() -> None:
-    pytest.importorskip("einops")  # MONAI's SwinUNETR needs einops
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="swinunetr", feature_size=12, window_size=4), torch.randn(3, 512))
     with torch.no_grad():

@@ -79,6 +79,7 @@ def test_train_writes_log_and_checkpoints(inputs: dict, tmp_path: Path) -> None:
     assert record["extra"]["step"] == 6 and "optimizer" in record["extra"] and "rng" in record["extra"]
     model, meta = load_checkpoint(final, expected_class_names=load_class_table().names)
     assert meta["extra"]["step"] == 6 and model.num_classes == 31
+    assert meta["extra"]["trained_classes"] == ["Right Kidney", "Left Kidney", "Liver", "Kidney Tumor"]
     assert list((tmp_path / "tensorboard").iterdir())
 
 

@@ -43,9 +43,9 @@ def aggregate(paths: list[str | Path], classes: ClassTable, out_dir: str | Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     frame = read_metrics(paths)
     order = {name: i for i, name in enumerate(classes.names)}
-    per_class = summarise(frame, ["class", "kind"], threads)
+    per_class = summarise(frame, ["class", "kind", "predicted"], threads)
     per_class = per_class.sort_values("class", key=lambda s: s.map(order)).reset_index(drop=True)
-    per_dataset = summarise(frame, ["dataset", "class", "kind"], threads)
+    per_dataset = summarise(frame, ["dataset", "class", "kind", "predicted"], threads)
     per_dataset = per_dataset.sort_values(["dataset", "class"], key=lambda s: s.map(order) if s.name == "class"
                                           else s).reset_index(drop=True)
     with dask.config.set(scheduler="threads", num_workers=max(1, threads)):
@@ -65,8 +65,11 @@ def _write_tsv(table: pd.DataFrame, path: Path) -> None:
 
 
 def plot_dice(per_case: pd.DataFrame, classes: ClassTable, path: Path) -> None:
-    """Box plot of per-case Dice for each class with ground truth, organs and tumours coloured apart."""
-    present = [c for c in classes if per_case.loc[per_case["class"] == c.name, "dice"].notna().any()]
+    """Box plot of per-case Dice for each predicted class with ground truth, in the class colours."""
+    predicted = set(per_case.loc[per_case["predicted"].astype(bool), "class"])
+    present = [c for c in classes
+               if c.name in predicted and per_case.loc[per_case["class"] == c.name, "dice"].notna().any()]
+    skipped = len({c.name for c in classes} & set(per_case["class"]) - predicted)
     data = [per_case.loc[per_case["class"] == c.name, "dice"].dropna().to_numpy() for c in present]
     figure, axis = plt.subplots(figsize=(max(6.0, 0.38 * len(present) + 2), 4.5), dpi=110)
     boxes = axis.boxplot(data, patch_artist=True, widths=0.6) if data else None
@@ -76,7 +79,8 @@ def plot_dice(per_case: pd.DataFrame, classes: ClassTable, path: Path) -> None:
     axis.set_xticks(range(1, len(present) + 1), [c.name for c in present], rotation=70, ha="right", fontsize=8)
     axis.set_ylim(0, 1)
     axis.set_ylabel("Dice per case")
-    axis.set_title(f"Dice per class ({per_case['case_id'].nunique()} cases)")
+    note = f"; {skipped} classes not predicted (no training case annotates them)" if skipped else ""
+    axis.set_title(f"Dice per class ({per_case['case_id'].nunique()} cases{note})", fontsize=10)
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     tmp = path.with_name(path.stem + ".partial.png")

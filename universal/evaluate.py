@@ -22,7 +22,7 @@ from universal.harmonize import harmonize_case
 from universal.ome import read_prediction
 from universal.volume import Volume
 
-METRIC_COLUMNS = ("dataset", "case_id", "class", "kind", "dice", "gt_ml", "pred_ml")
+METRIC_COLUMNS = ("dataset", "case_id", "class", "kind", "predicted", "dice", "gt_ml", "pred_ml")
 
 
 def voxel_side_is_right(shape: tuple[int, int, int], affine: np.ndarray, midline_x_mm: float) -> np.ndarray:
@@ -58,19 +58,25 @@ def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
 
 
 def evaluate_case(organs: np.ndarray, tumours: np.ndarray, truth: Volume, classes: ClassTable, midline_x_mm: float,
-                  dataset: str, case_id: str) -> pd.DataFrame:
-    """Dice and volumes (mL) per class for one case; prediction maps must be on the ground truth's grid."""
+                  dataset: str, case_id: str, predicted: list[str] | None = None) -> pd.DataFrame:
+    """Dice and volumes (mL) per class for one case; prediction maps must be on the ground truth's grid.
+
+    ``predicted`` names the classes the model predicts (default: all); the column ``predicted`` marks them, so
+    that classes no training case annotated are told apart from classes the model gets wrong.
+    """
     if organs.shape != truth.shape or tumours.shape != truth.shape:
         raise ValueError(f"{dataset}/{case_id}: prediction shape {organs.shape} != ground truth {truth.shape}")
     voxel_ml = float(np.prod(truth.spacing)) / 1000.0
     right_side = voxel_side_is_right(truth.shape, truth.affine, midline_x_mm)
     rows = []
+    predicted_names = None if predicted is None else set(predicted)
     for cls in classes:
-        predicted = (organs if cls.kind == "organ" else tumours) == cls.index
+        mask = (organs if cls.kind == "organ" else tumours) == cls.index
         region = class_region(truth.array, cls, classes, right_side)
         rows.append({"dataset": dataset, "case_id": case_id, "class": cls.name, "kind": cls.kind,
-                     "dice": dice(predicted, region), "gt_ml": int(region.sum()) * voxel_ml,
-                     "pred_ml": int(predicted.sum()) * voxel_ml})
+                     "predicted": predicted_names is None or cls.name in predicted_names,
+                     "dice": dice(mask, region), "gt_ml": int(region.sum()) * voxel_ml,
+                     "pred_ml": int(mask.sum()) * voxel_ml})
     return pd.DataFrame(rows, columns=list(METRIC_COLUMNS))
 
 
@@ -97,12 +103,12 @@ def evaluate_predictions(cases: list[Case], entry: DatasetEntry, classes: ClassT
         path = predictions / f"{case.case_id}.ome.zarr"
         if not path.exists():
             raise ValueError(f"{entry.key}/{case.case_id}: no prediction at {path}")
-        _, organs, tumours, _ = read_prediction(path)
+        _, organs, tumours, meta = read_prediction(path)
         truth = harmonize_case(case, entry, classes, target_spacing=None)
         if truth.label is None:
             raise ValueError(f"{entry.key}/{case.case_id}: has no ground-truth label to evaluate against")
         table = evaluate_case(organs, tumours, truth.label, classes, truth.attrs["midline_x_mm"], entry.key,
-                              case.case_id)
+                              case.case_id, meta.get("predicted_classes"))
         target = out_dir / f"{case.case_id}.tsv"
         write_metrics(table, target)
         written.append(target)

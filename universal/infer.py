@@ -52,16 +52,22 @@ class CasePrediction:
     midline_x_mm: float
 
 
-def predict_volume(model: torch.nn.Module, image: Volume, classes: ClassTable,
-                   settings: InferenceSettings) -> CasePrediction:
-    """Predict one CT (RAS+ volume in HU) and return label maps on its own grid."""
+def predict_volume(model: torch.nn.Module, image: Volume, classes: ClassTable, settings: InferenceSettings,
+                   predicted: list[str] | None = None) -> CasePrediction:
+    """Predict one CT (RAS+ volume in HU) and return label maps on its own grid.
+
+    ``predicted`` names the classes whose heads run (default: all); the others stay empty.
+    """
     grid = resample(Volume(image.array.astype(np.float32), image.affine), settings.spacing, order=1)
     inputs = window(grid.array, *settings.window_hu)[None, None].to(settings.device)
+    channels = classes.channels(predicted if predicted is not None else classes.names)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=settings.device.startswith("cuda"))
     with torch.inference_mode(), autocast:
-        logits = sliding_window_inference(inputs, settings.roi, settings.sw_batch_size, model,
-                                          overlap=settings.overlap, mode="gaussian")
-    probabilities = torch.sigmoid(logits[0].float()).cpu().numpy()
+        logits = sliding_window_inference(inputs, settings.roi, settings.sw_batch_size,
+                                          lambda x: model(x, classes=channels), overlap=settings.overlap,
+                                          mode="gaussian")
+    probabilities = np.zeros((len(classes), *grid.shape), dtype=np.float32)
+    probabilities[channels] = torch.sigmoid(logits[0].float()).cpu().numpy()
     midline = body_midline_x_mm(grid)
     masks = postprocess_masks(probabilities > settings.threshold, classes, grid.affine, midline)
     organ_channels = [classes.channel(c.name) for c in classes.organs()]
@@ -96,8 +102,13 @@ def infer_cases(cases: list[Case], checkpoint: str | Path, classes: ClassTable, 
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, _ = load_checkpoint(checkpoint, expected_class_names=classes.names, map_location=settings.device)
+    model, meta = load_checkpoint(checkpoint, expected_class_names=classes.names, map_location=settings.device)
     model.eval()
+    predicted = list(meta.get("extra", {}).get("trained_classes", classes.names))
+    untrained = [n for n in classes.names if n not in predicted]
+    if untrained:
+        log.warning("no training case annotated %s: their heads never learned, so they are not predicted",
+                    untrained)
     failed: list[tuple[str, str]] = []
     for number, case in enumerate(cases, start=1):
         start = time.perf_counter()
@@ -107,11 +118,12 @@ def infer_cases(cases: list[Case], checkpoint: str | Path, classes: ClassTable, 
             failed.append((case.case_id, str(err)))
             log.error("case %s failed: %s", case.case_id, err)
             continue
-        prediction = predict_volume(model, image, classes, settings)
+        prediction = predict_volume(model, image, classes, settings, predicted)
         attrs = {"case_id": case.case_id, "dataset": case.dataset, "source_image": str(case.image),
                  "source_affine": nib.load(str(case.image)).affine.tolist(), "checkpoint": str(checkpoint),
                  "midline_x_mm": prediction.midline_x_mm, "threshold": settings.threshold,
-                 "spacing_model_mm": list(settings.spacing), "class_table_digest": classes.digest()}
+                 "spacing_model_mm": list(settings.spacing), "class_table_digest": classes.digest(),
+                 "predicted_classes": predicted}
         hu = np.clip(np.rint(image.array), -32768, 32767).astype(np.int16)
         write_prediction(out_dir / f"{case.case_id}.ome.zarr", Volume(hu, image.affine), prediction.organs,
                          prediction.tumours, classes, attrs)

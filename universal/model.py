@@ -29,12 +29,15 @@ from monai.networks.nets.basic_unet import Down, TwoConv, UpCat
 from torch import Tensor, nn
 
 BACKBONES = ("unet", "swinunetr")
+EMBEDDING_NORMS = ("none", "centered")
 HEAD_CHANNELS = 8
 TASK_CHANNELS = 256
 # Parameters of one class head, in the controller's output order: w1 (8×8), w2 (8×8), w3 (1×8), b1, b2, b3.
 HEAD_SPLITS = (64, 64, 8, 8, 8, 1)
 CHECKPOINT_FORMAT = "universal-checkpoint"
 CHECKPOINT_VERSION = 1
+# The non-backbone modules of UniversalModel, as in the original: what heads-only fine-tuning trains.
+HEAD_MODULES = ("text_to_vision", "GAP", "precls_conv", "controller")
 
 
 @dataclass
@@ -49,6 +52,12 @@ class ModelConfig:
     ``embedding_dim``: width D of the class text embeddings (512 for CLIP ViT-B/32).
     ``head_chunk_classes``: without autograd, run the class heads in chunks of this many classes to bound the
     memory of the (B, 8·K, X·Y·Z) intermediates; ``0`` runs all classes at once.
+    ``embedding_norm``: ``"none"`` feeds the raw text embeddings to ``text_to_vision`` as the original does;
+    ``"centered"`` first subtracts the mean embedding of the model's classes (fixed at creation, stored as the
+    buffer ``embedding_center``) and rescales each row to norm √D. CLIP embeddings of prompts built on one
+    template share most of their direction (mean pairwise cosine 0.88 in the original's table; right vs left
+    kidney 0.99); centring leaves the class-specific part (right vs left kidney 0.86, spleen vs liver 0.10),
+    which the heads separate in far fewer steps. Use ``"none"`` for the original's checkpoints.
     """
 
     backbone: str = "swinunetr"
@@ -60,6 +69,7 @@ class ModelConfig:
     in_channels: int = 1
     embedding_dim: int = 512
     head_chunk_classes: int = 8
+    embedding_norm: str = "centered"
 
     def __post_init__(self) -> None:
         self.features = tuple(int(f) for f in self.features)
@@ -69,6 +79,8 @@ class ModelConfig:
             raise ValueError(f"features needs 6 channel counts, got {self.features}")
         if self.norm not in ("instance", "group"):
             raise ValueError(f"norm must be 'instance' or 'group', got {self.norm!r}")
+        if self.embedding_norm not in EMBEDDING_NORMS:
+            raise ValueError(f"embedding_norm must be one of {EMBEDDING_NORMS}, got {self.embedding_norm!r}")
         if self.feature_size % 12:
             raise ValueError(f"SwinUNETR feature_size must be a multiple of 12, got {self.feature_size}")
 
@@ -169,12 +181,14 @@ class UniversalModel(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, deep_channels: int, full_channels: int, embeddings: Tensor,
-                 head_chunk_classes: int = 0) -> None:
+                 head_chunk_classes: int = 0, embedding_norm: str = "none") -> None:
         super().__init__()
         if embeddings.ndim != 2:
             raise ValueError(f"embeddings must be (classes, dim), got shape {tuple(embeddings.shape)}")
         self.backbone = backbone
         self.register_buffer("organ_embedding", embeddings.detach().to(torch.float32).clone())
+        if embedding_norm == "centered":
+            self.register_buffer("embedding_center", self.organ_embedding.mean(dim=0))
         self.text_to_vision = nn.Linear(embeddings.shape[1], TASK_CHANNELS)
         self.GAP = nn.Sequential(_group_norm(deep_channels), nn.ReLU(inplace=True), nn.AdaptiveAvgPool3d(1),
                                  nn.Conv3d(deep_channels, TASK_CHANNELS, kernel_size=1))
@@ -201,6 +215,9 @@ class UniversalModel(nn.Module):
     def head_parameters(self, deep: Tensor, classes: Sequence[int] | None = None) -> Tensor:
         """The 153 head parameters per (sample, class): (B, K, 153), from the deep feature (B, C_deep, ...)."""
         embedding = self.organ_embedding if classes is None else self.organ_embedding[list(classes)]
+        if hasattr(self, "embedding_center"):
+            centred = embedding - self.embedding_center
+            embedding = F.normalize(centred, dim=1) * math.sqrt(embedding.shape[1])
         task = F.relu(self.text_to_vision(embedding))  # (K, 256)
         image = self.GAP(deep).flatten(1)  # (B, 256)
         batch, k = image.shape[0], task.shape[0]
@@ -238,7 +255,7 @@ def build_model(config: ModelConfig, embeddings: Tensor) -> UniversalModel:
         backbone = SwinUNETRBackbone(config.in_channels, config.feature_size, config.window_size,
                                      config.gradient_checkpointing)
     return UniversalModel(backbone, backbone.deep_channels, backbone.full_channels, embeddings,
-                          config.head_chunk_classes)
+                          config.head_chunk_classes, config.embedding_norm)
 
 
 def load_embeddings(path: str | Path, class_names: Sequence[str]) -> Tensor:
@@ -309,3 +326,22 @@ def _check_class_names(path: str | Path, found: list[str], expected: list[str]) 
         raise ValueError(f"{path}: the checkpoint has the expected classes in another order: {found}")
     raise ValueError(f"{path}: the checkpoint's classes differ from the expected ones; "
                      f"missing from the checkpoint: {missing}; not expected: {extra}")
+
+
+def copy_matching_weights(model: UniversalModel, state: dict[str, Tensor],
+                          skip: Sequence[str] = ()) -> list[str]:
+    """Copy every tensor of ``state`` into ``model`` whose name and shape match, except the names in ``skip``.
+
+    Used to start fine-tuning from another model's checkpoint (:mod:`universal.train`). Returns the names of the
+    model's state-dict entries left as they were (in ``skip``, absent from ``state`` or of another shape), sorted.
+    """
+    own = model.state_dict()
+    kept = []
+    with torch.no_grad():
+        for name, tensor in own.items():
+            source = state.get(name)
+            if name in skip or source is None or source.shape != tensor.shape:
+                kept.append(name)
+                continue
+            tensor.copy_(source)
+    return sorted(kept)

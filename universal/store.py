@@ -14,6 +14,7 @@ leaves a case that looks done.
 from __future__ import annotations
 
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +96,9 @@ def _write_array(group: zarr.Group, name: str, data: np.ndarray) -> None:
 def list_cases(store_path: str | Path) -> list[str]:
     """Case ids of the complete case groups in a store (partial groups are skipped)."""
     root = open_store(store_path)
-    return sorted(name for name in root.group_keys() if not name.endswith(PARTIAL_SUFFIX))
+    with warnings.catch_warnings():  # Snakemake leaves a .snakemake_timestamp file in directory outputs
+        warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
+        return sorted(name for name in root.group_keys() if not name.endswith(PARTIAL_SUFFIX))
 
 
 def open_case(store_path: str | Path, case_id: str) -> StoredCase:

@@ -8,6 +8,29 @@ Outputs in ``out_dir``: ``checkpoints/step_<n>.pt`` (model, optimizer, RNG and s
 automatically), ``final.pt`` (model and metadata only), ``train_log.csv`` (step, loss, bce, dice, lr, seconds,
 grad_norm) and ``tensorboard/``. A resumed run continues exactly: patches are a function of (seed, sample index)
 and the learning rate a function of the step, so on CPU it repeats the losses of an uninterrupted run.
+
+Several processes (``torchrun --nproc_per_node=N -m universal.cli train ...``, which sets RANK, WORLD_SIZE and
+LOCAL_RANK) train one model with DistributedDataParallel: NCCL on CUDA (each process on GPU ``LOCAL_RANK``), gloo
+on CPU. Rank r draws the patches of sample indices (s·N + r)·B ... (s·N + r + 1)·B − 1 at step s
+(:class:`~universal.patches.PatchSampler`), so ranks never share a patch; DDP averages the gradients, so a step
+is one step on N·B patches. The logged loss, BCE and Dice are averaged over the ranks (the global loss). Only rank 0
+writes the log, TensorBoard and checkpoints (same format as one process: the bare model's state dict, no
+``module.`` prefix); every rank resumes from the checkpoint rank 0 found, so ``out_dir`` must be on a file system
+all ranks see. ``batch_size`` is per rank.
+
+Transfer (fine-tuning on a novel class or task): ``init_checkpoint`` starts a new run (step 0, fresh optimizer
+and schedule) from a trained model's weights, with a class table that may add classes. Each class is only a row
+of the text-embedding buffer ``organ_embedding`` (the heads are generated from it), so a new class needs a new
+prompt embedding and no new weights: every checkpoint tensor whose name and shape match the new model is copied
+(backbone, ``GAP``, ``precls_conv``, ``controller``, ``text_to_vision``), ``organ_embedding`` comes from the new
+``embeddings`` file (all classes, the new ones included), and with ``embedding_norm: centered`` the checkpoint's
+``embedding_center`` is kept: the centre is part of the mapping ``text_to_vision`` learned, and recomputing it over
+the new class set would shift every known class's input. ``trainable: heads`` freezes the backbone
+(``requires_grad`` off, out of the optimizer, in eval mode) and trains the original's non-backbone modules
+(:data:`~universal.model.HEAD_MODULES`: ``text_to_vision``, ``controller``, ``GAP``, ``precls_conv``). ``GAP`` and
+``precls_conv`` count as heads as in the original (its ``load_params`` loads a backbone only); since they feed
+every class's head, training them may move the known classes too. Every class of the init checkpoint must be in
+the new class table: dropping a class is refused with an error naming it (it would go unseen, never unlearned).
 """
 
 from __future__ import annotations
@@ -20,20 +43,35 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from universal.classes import ClassTable, load_class_table
 from universal.losses import DEFAULT_DICE_SMOOTH, masked_bce_dice_loss
-from universal.model import ModelConfig, UniversalModel, build_model, load_checkpoint, load_embeddings, save_checkpoint
+from universal.model import (
+    CHECKPOINT_FORMAT,
+    HEAD_MODULES,
+    ModelConfig,
+    UniversalModel,
+    build_model,
+    copy_matching_weights,
+    load_checkpoint,
+    load_embeddings,
+    save_checkpoint,
+)
 from universal.patches import PatchConfig, PatchDataset, patch_loader
+from universal.store import list_cases, open_case
 from universal.targets import multi_hot_targets
 
 CSV_COLUMNS = ("step", "loss", "bce", "dice", "lr", "seconds", "grad_norm")
 AMP_MODES = ("auto", "bf16", "off")
+TRAINABLE = ("all", "heads")
 
 
 @dataclass
@@ -46,7 +84,11 @@ class TrainConfig:
     ``batch_size`` patches. ``lr`` peaks after ``warmup_steps`` (linear from lr/warmup_steps), then decays by a
     cosine to ``min_lr`` at ``steps``. ``amp``: ``"auto"`` (bf16 autocast on CUDA, and on CPU when
     ``bf16_on_cpu``), ``"bf16"`` (always) or ``"off"``. ``device``: ``"auto"`` (CUDA if available), ``"cpu"``,
-    ``"cuda"``. ``checkpoint_every``: steps between resumable checkpoints, of which ``keep_checkpoints`` are kept.
+    ``"cuda"`` (under torchrun: GPU ``LOCAL_RANK``). ``checkpoint_every``: steps between resumable checkpoints, of
+    which ``keep_checkpoints`` are kept. ``init_checkpoint``: a trained model (``final.pt`` or a step checkpoint) to
+    fine-tune from, at step 0 with a fresh optimizer (see the module docstring); a run that already has checkpoints
+    in ``out_dir`` resumes from them instead. ``trainable``: ``"all"`` or ``"heads"`` (backbone frozen; needs
+    ``init_checkpoint``).
     """
 
     stores: list[str]
@@ -73,12 +115,20 @@ class TrainConfig:
     amp: str = "auto"
     bf16_on_cpu: bool = False
     device: str = "auto"
+    init_checkpoint: str | None = None
+    trainable: str = "all"
 
     def __post_init__(self) -> None:
         self.stores = [str(s) for s in self.stores]
         self.embeddings, self.out_dir = str(self.embeddings), str(self.out_dir)
         if self.class_table is not None:
             self.class_table = str(self.class_table)
+        if self.init_checkpoint is not None:
+            self.init_checkpoint = str(self.init_checkpoint)
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        if self.trainable == "heads" and self.init_checkpoint is None:
+            raise ValueError("trainable 'heads' freezes the backbone: it needs an init_checkpoint to take it from")
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:
@@ -124,6 +174,16 @@ def train_config_from_options(options: dict, *, stores: list, weights: list[floa
         model=ModelConfig(**{k: v for k, v in options.items() if k in model_keys}),
         patches=PatchConfig(**{k: v for k, v in options.items() if k in patch_keys}),
         **{k: v for k, v in options.items() if k in train_keys})
+
+
+def trained_classes(stores: list[str], classes: ClassTable, init: dict | None) -> list[str]:
+    """The classes some training case annotates (plus, when fine-tuning, those the initial model was trained on),
+    in class-table order: the heads of all other classes never received a gradient."""
+    seen: set[str] = set(init.get("trained_classes", [])) if init else set()
+    for store in stores:
+        for case_id in list_cases(store):
+            seen.update(open_case(store, case_id).annotated)
+    return [name for name in classes.names if name in seen]
 
 
 def lr_at_step(step: int, config: TrainConfig) -> float:
@@ -181,12 +241,59 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def distributed_env() -> tuple[int, int]:
-    """(rank, world size) of this process from the torchrun environment; DDP is not wired in yet."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1:
-        raise NotImplementedError("multi-process (torchrun/DDP) training is not implemented yet: run one process")
-    return int(os.environ.get("RANK", "0")), world_size
+class DistributedEnv(NamedTuple):
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def distributed_env() -> DistributedEnv:
+    """(rank, world size, local rank) of this process from the torchrun environment; (0, 1, 0) without it."""
+    env = DistributedEnv(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                         int(os.environ.get("LOCAL_RANK", "0")))
+    if env.world_size < 1 or not 0 <= env.rank < env.world_size:
+        raise ValueError(f"inconsistent torchrun environment: RANK={env.rank}, WORLD_SIZE={env.world_size}")
+    return env
+
+
+def _setup_distributed(config: TrainConfig, env: DistributedEnv) -> tuple[torch.device, bool]:
+    """The device of this process, and whether this call initialised the process group (then train() destroys it).
+
+    One process: :func:`resolve_device` as before. Several: CUDA device ``LOCAL_RANK`` (unless ``config.device``
+    names an index) with NCCL, or CPU with gloo; an already initialised process group is used as it is.
+    """
+    device = resolve_device(config.device)
+    if env.world_size == 1:
+        return device, False
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", env.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if dist.is_initialized():
+        return device, False
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                            rank=env.rank, world_size=env.world_size,
+                            device_id=device if device.type == "cuda" else None)
+    return device, True
+
+
+def _rank0_choice(value: Path | None, world_size: int) -> Path | None:
+    """Rank 0's ``value`` on every rank (so that all ranks resume from the same checkpoint)."""
+    if world_size == 1:
+        return value
+    box = [None if value is None else str(value)]
+    dist.broadcast_object_list(box, src=0)
+    return None if box[0] is None else Path(box[0])
+
+
+def _mean_over_ranks(row: dict[str, float], keys: tuple[str, ...], device: torch.device,
+                     world_size: int) -> dict[str, float]:
+    """``row`` with ``keys`` averaged over all ranks (the global loss of a step)."""
+    if world_size == 1:
+        return row
+    values = torch.tensor([row[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return {**row, **{k: float(v) / world_size for k, v in zip(keys, values.tolist(), strict=True)}}
 
 
 class TrainLog:
@@ -227,11 +334,12 @@ def _read_rows(path: Path, up_to_step: int) -> list[dict]:
         return [row for row in csv.DictReader(f) if int(row["step"]) <= up_to_step]
 
 
-def train_step(model: UniversalModel, batch: dict, classes: ClassTable, optimizer: torch.optim.Optimizer,
+def train_step(model: nn.Module, batch: dict, classes: ClassTable, optimizer: torch.optim.Optimizer,
                config: TrainConfig, device: torch.device, amp: torch.dtype | None) -> dict[str, float]:
     """One optimizer step on a collated batch; only heads of classes annotated in the batch are computed.
 
-    Returns the loss, its BCE and Dice parts and the gradient norm before clipping.
+    ``model`` is a :class:`UniversalModel` or its DistributedDataParallel wrapper. Returns the loss, its BCE and Dice
+    parts (of this process's batch) and the gradient norm before clipping (of the trainable parameters).
     """
     image = batch["image"].to(device, non_blocking=True)
     label = batch["label"].to(device, non_blocking=True)
@@ -243,19 +351,24 @@ def train_step(model: UniversalModel, batch: dict, classes: ClassTable, optimize
     loss, parts = masked_bce_dice_loss(logits.float(), targets[:, active], mask[:, active], config.dice_smooth)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    grad_norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.grad_clip)
     optimizer.step()
     return {"loss": loss.item(), "bce": parts["bce"].item(), "dice": parts["dice"].item(),
             "grad_norm": float(grad_norm)}
 
 
 def _prepare_model(config: TrainConfig, classes: ClassTable, device: torch.device,
-                   resume: Path | None) -> tuple[UniversalModel, torch.optim.Optimizer, dict]:
-    """Model and AdamW, fresh or from the resumable checkpoint ``resume``; returns its ``extra`` dict ({} if fresh)."""
+                   resume: Path | None, verbose: bool = True) -> tuple[UniversalModel, torch.optim.Optimizer, dict]:
+    """Model and AdamW, fresh (from ``init_checkpoint`` when set) or from the resumable checkpoint ``resume``;
+    returns its ``extra`` dict ({} if fresh, ``{"init": ...}`` when initialised from ``init_checkpoint``).
+    With ``trainable == "heads"`` the backbone is frozen and not given to the optimizer."""
     extra: dict = {}
     if resume is None:
         torch.manual_seed(config.seed)
         model = build_model(config.model, load_embeddings(config.embeddings, classes.names))
+        if config.init_checkpoint is not None:
+            extra = {"init": init_from_checkpoint(model, config.init_checkpoint, config.model, classes,
+                                                      verbose)}
     else:
         model, meta = load_checkpoint(resume, expected_class_names=classes.names)
         if meta["model_config"] != config.model.to_dict():
@@ -263,19 +376,74 @@ def _prepare_model(config: TrainConfig, classes: ClassTable, device: torch.devic
                              f"{config.model.to_dict()}: use another out_dir")
         extra = meta["extra"]
     model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    if extra:
+    if config.trainable == "heads":
+        model.backbone.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    if "optimizer" in extra:
         optimizer.load_state_dict(extra["optimizer"])
         set_rng_state(extra["rng"])
     return model, optimizer, extra
 
 
+def init_from_checkpoint(model: UniversalModel, path: str | Path, model_config: ModelConfig,
+                         classes: ClassTable, verbose: bool = True) -> dict:
+    """Load a trained model's weights into a new ``model`` for fine-tuning (see the module docstring).
+
+    ``model`` was built for ``classes`` with the new embeddings, which stay. Raises ValueError when the checkpoint
+    has classes that ``classes`` lacks (naming them), when its ``embedding_norm`` differs, or when a backbone tensor
+    cannot be copied (another architecture). Returns provenance for the checkpoints' ``extra["init"]``:
+    checkpoint path, its classes, the novel classes and the model entries not copied. ``verbose``: print
+    warnings (a known class whose embedding changed, head tensors left freshly initialised) to stderr.
+    """
+    record = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"init_checkpoint {path}: not a universal model checkpoint")
+    old_names = list(record["class_names"])
+    dropped = [n for n in old_names if n not in classes]
+    if dropped:
+        raise ValueError(f"init_checkpoint {path} has classes {dropped} that the class table {classes.source} "
+                         "lacks: fine-tuning keeps every class of the init checkpoint; enable them (include_classes) "
+                         "or use a class table that has them")
+    old_config = record["model_config"]
+    new_config = model_config.to_dict()
+    if old_config.get("embedding_norm", "none") != model_config.embedding_norm:
+        raise ValueError(f"init_checkpoint {path} has embedding_norm {old_config.get('embedding_norm')!r}, the "
+                         f"new model {model_config.embedding_norm!r}: text_to_vision only fits the one it was "
+                         "trained with")
+    state = record["model"]
+    not_copied = copy_matching_weights(model, state, skip=("organ_embedding",))
+    broken = [n for n in not_copied if n.startswith("backbone.")]
+    if broken:
+        differ = {k: (old_config.get(k), v) for k, v in new_config.items() if old_config.get(k) != v}
+        raise ValueError(f"init_checkpoint {path}: {len(broken)} backbone tensors do not fit the new model "
+                         f"(e.g. {broken[:3]}); model config differences (checkpoint, new): {differ}")
+    novel = [n for n in classes.names if n not in old_names]
+    old_rows = state["organ_embedding"]
+    for name, row in zip(old_names, old_rows, strict=True):
+        new_row = model.organ_embedding[classes.channel(name)]
+        changed = new_row.shape != row.shape or not torch.allclose(new_row, row, rtol=1e-4, atol=1e-5)
+        if changed and verbose:
+            print(f"[train] warning: the new embedding of {name!r} differs from the one {path} was trained with",
+                  file=sys.stderr)
+    heads_reset = [n for n in not_copied if n.split(".")[0] in HEAD_MODULES]
+    if heads_reset and verbose:
+        print(f"[train] init_checkpoint {path}: freshly initialised (no matching tensor): {heads_reset}",
+              file=sys.stderr)
+    trained = list(record.get("extra", {}).get("trained_classes", old_names))
+    return {"checkpoint": str(path), "class_names": old_names, "novel_classes": novel, "not_copied": not_copied,
+            "trained_classes": trained}
+
+
 def _save_resumable(out_dir: Path, step: int, model: UniversalModel, optimizer: torch.optim.Optimizer,
-                    config: TrainConfig, classes: ClassTable) -> None:
+                    config: TrainConfig, classes: ClassTable, world_size: int, init: dict | None) -> None:
     """Write ``checkpoints/step_<step>.pt`` and delete all but the newest ``keep_checkpoints``."""
     extra = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(),
-             "sampler": {"next_step": step, "batch_size": config.batch_size, "seed": config.seed},
+             "sampler": {"next_step": step, "batch_size": config.batch_size, "seed": config.seed,
+                         "world_size": world_size},
              "train_config": config.to_dict(), "class_table_digest": classes.digest()}
+    if init is not None:
+        extra["init"] = init
     save_checkpoint(checkpoint_path(out_dir, step), model, config.model, classes.names, extra)
     for old in sorted((out_dir / "checkpoints").glob("step_*.pt"))[:-config.keep_checkpoints]:
         old.unlink()
@@ -283,37 +451,75 @@ def _save_resumable(out_dir: Path, step: int, model: UniversalModel, optimizer: 
 
 def train(config: TrainConfig) -> Path:
     """Train (or resume from the newest checkpoint in ``config.out_dir``) up to ``config.steps``; returns the path
-    of ``final.pt`` (model weights, model config, class names, and ``extra`` with step and train config)."""
+    of ``final.pt`` (model weights, model config, class names, and ``extra`` with step and train config).
+
+    Under torchrun every rank calls this; the process group is created here (and destroyed at the end) unless the
+    caller created it."""
+    env = distributed_env()
+    device, owns_group = _setup_distributed(config, env)
+    try:
+        return _train(config, env, device)
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, env: DistributedEnv, device: torch.device) -> Path:
+    rank, world_size = env.rank, env.world_size
+    main = rank == 0
     out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rank, world_size = distributed_env()
-    device = resolve_device(config.device)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     amp = autocast_dtype(config, device)
     classes = load_class_table(config.class_table, include=config.include_classes)
-    resume = latest_checkpoint(out_dir)
-    model, optimizer, extra = _prepare_model(config, classes, device, resume)
+    resume = _rank0_choice(latest_checkpoint(out_dir) if main else None, world_size)
+    model, optimizer, extra = _prepare_model(config, classes, device, resume, verbose=main)
+    init = extra.get("init")
     start = int(extra.get("step", 0))
-    if resume is not None:
+    if main and resume is not None:
         print(f"[train] resuming from {resume} at step {start}", file=sys.stderr)
+        saved_world = extra.get("sampler", {}).get("world_size", 1)
+        if saved_world != world_size:
+            print(f"[train] note: {resume} was written by {saved_world} processes, now {world_size}: the patch "
+                  "stream differs from an uninterrupted run", file=sys.stderr)
+    elif main and init is not None:
+        print(f"[train] fine-tuning from {init['checkpoint']} ({config.trainable} trainable); novel classes: "
+              f"{init['novel_classes']}", file=sys.stderr)
+    net: nn.Module = model
+    if world_size > 1:
+        # Every parameter takes part in every step (all heads are generated by the shared controller), so DDP
+        # needs no unused-parameter search; frozen backbone parameters are not registered with it at all.
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     dataset = PatchDataset(config.stores, classes, config.patches, config.weights, config.seed)
     batches = iter(patch_loader(dataset, config.batch_size, start, config.num_workers, rank, world_size))
-    log = TrainLog(out_dir, start, config.steps, config.log_every)
+    log = TrainLog(out_dir, start, config.steps, config.log_every) if main else None
     model.train()
+    if config.trainable == "heads":
+        model.backbone.eval()
     try:
         for step in range(start, config.steps):
             began = time.perf_counter()
             lr = lr_at_step(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            row = train_step(model, next(batches), classes, optimizer, config, device, amp)
-            log.write({"step": step + 1, "lr": lr, "seconds": time.perf_counter() - began, **row})
-            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-                _save_resumable(out_dir, step + 1, model, optimizer, config, classes)
+            row = train_step(net, next(batches), classes, optimizer, config, device, amp)
+            row = _mean_over_ranks(row, ("loss", "bce", "dice"), device, world_size)
+            if log is not None:
+                log.write({"step": step + 1, "lr": lr, "seconds": time.perf_counter() - began, **row})
+            if main and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
+                _save_resumable(out_dir, step + 1, model, optimizer, config, classes, world_size, init)
     finally:
-        log.close()
+        if log is not None:
+            log.close()
         del batches
     final = out_dir / "final.pt"
-    save_checkpoint(final, model, config.model, classes.names,
-                    {"step": max(start, config.steps), "train_config": config.to_dict(),
-                     "class_table_digest": classes.digest()})
+    if main:
+        final_extra = {"step": max(start, config.steps), "train_config": config.to_dict(),
+                       "class_table_digest": classes.digest(),
+                       "trained_classes": trained_classes(config.stores, classes, init)}
+        if init is not None:
+            final_extra["init"] = init
+        save_checkpoint(final, model, config.model, classes.names, final_extra)
+    if world_size > 1:
+        dist.barrier()  # final.pt exists on every rank's return
     return final

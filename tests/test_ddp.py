@@ -1,0 +1,113 @@
+"""DDP through torchrun: two CPU processes (gloo) train a tiny model through the CLI, as on a multi-GPU node."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from universal.classes import load_class_table
+from universal.model import build_model, load_checkpoint, load_embeddings
+from universal.patches import PatchCollate, PatchDataset
+from universal.store import write_case
+from universal.train import TrainConfig, train, train_config_from_options, train_step
+from universal.volume import Volume
+
+SHAPE = (40, 40, 40)
+REPO = Path(__file__).resolve().parent.parent
+OPTIONS = {"backbone": "unet", "features": [8, 8, 16, 16, 32, 8], "patch_size": [32, 32, 32], "batch_size": 1,
+           "steps": 4, "warmup_steps": 2, "lr": 1e-3, "checkpoint_every": 2, "num_workers": 0, "amp": "off",
+           "device": "cpu", "log_every": 1}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict:
+    """A one-case store (liver and spleen) and an embeddings file for the default class table."""
+    root = tmp_path_factory.mktemp("ddp_inputs")
+    classes = load_class_table()
+    rng = np.random.default_rng(1)
+    grid = np.indices(SHAPE)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = -39.0
+    image = rng.normal(-900, 20, SHAPE).astype(np.int16)
+    label = np.zeros(SHAPE, dtype=np.uint8)
+    for name, centre in (("Liver", (12, 20, 20)), ("Spleen", (28, 20, 20))):
+        inside = sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) <= 36
+        label[inside], image[inside] = classes[name].index, 80
+    attrs = {"dataset": "abdomen", "annotated": ["Liver", "Spleen"], "midline_x_mm": 0.0}
+    write_case(root / "abdomen.zarr", "abdomen_0", Volume(image, affine), Volume(label, affine), attrs)
+    embeddings = root / "prompts.pt"
+    torch.save({"embeddings": torch.randn(len(classes), 512), "class_names": classes.names,
+                "prompts": classes.prompts, "encoder": {"model": "random"}}, embeddings)
+    return {"stores": [str(root / "abdomen.zarr")], "embeddings": str(embeddings)}
+
+
+def _config(inputs: dict, out_dir: Path, **changes) -> TrainConfig:
+    return train_config_from_options({**OPTIONS, **changes}, stores=inputs["stores"], weights=None,
+                                     embeddings=inputs["embeddings"], classes=None, include_classes=[],
+                                     out_dir=out_dir)
+
+
+def _rows(out_dir: Path) -> list[dict]:
+    with (out_dir / "train_log.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _first_step_losses(config: TrainConfig, world_size: int) -> list[float]:
+    """Each rank's step-1 loss, recomputed in this process: the loss of rank r's batch (sample index r for batch
+    size 1) under the initial model."""
+    classes = load_class_table()
+    dataset = PatchDataset(config.stores, classes, config.patches, config.weights, config.seed)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, load_embeddings(config.embeddings, classes.names))
+    model.train()
+    frozen = torch.optim.SGD(model.parameters(), lr=0.0)
+    return [train_step(model, PatchCollate(classes)([dataset[r]]), classes, frozen, config, torch.device("cpu"),
+                       None)["loss"] for r in range(world_size)]
+
+
+def test_torchrun_two_cpu_processes(inputs: dict, tmp_path: Path) -> None:
+    out_dir = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "universal.cli", "train", "--stores", *inputs["stores"], "--embeddings", inputs["embeddings"],
+               "--out-dir", str(out_dir), "--options", json.dumps(OPTIONS)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:  # meanwhile, the references: each rank's first loss, and a one-process run
+        config = _config(inputs, out_dir)
+        rank_losses = _first_step_losses(config, 2)
+        single = train(_config(inputs, tmp_path / "single", steps=1))
+        _, stderr = child.communicate(timeout=150)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 0, stderr[-4000:]
+
+    rows = _rows(out_dir)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert all(math.isfinite(float(r[k])) for r in rows for k in ("loss", "bce", "dice", "grad_norm"))
+    # The logged loss is the mean over both ranks' batches, not rank 0's alone.
+    assert rank_losses[0] != pytest.approx(rank_losses[1], rel=1e-3)
+    assert float(rows[0]["loss"]) == pytest.approx(sum(rank_losses) / 2, rel=1e-4)
+
+    final = out_dir / "final.pt"
+    record = torch.load(final, weights_only=True)
+    assert record["extra"]["step"] == 4
+    assert sorted(p.name for p in (out_dir / "checkpoints").iterdir()) == ["step_00000002.pt", "step_00000004.pt"]
+    resumable = torch.load(out_dir / "checkpoints" / "step_00000004.pt", weights_only=True)
+    assert resumable["extra"]["sampler"]["world_size"] == 2
+    model, _ = load_checkpoint(final, expected_class_names=load_class_table().names)
+    single_keys = list(torch.load(single, weights_only=True)["model"])
+    assert list(record["model"]) == single_keys == list(model.state_dict())
+    assert not any(k.startswith("module.") for k in record["model"])
+    # rank 0 alone wrote outputs: one CSV, one TensorBoard event file.
+    assert len(list((out_dir / "tensorboard").glob("events.*"))) == 1
