@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-from universal.catalog import CatalogError, find_cases, load_catalog, read_manifest, write_manifest
+from universal.catalog import CatalogError, find_cases, load_catalog, read_manifest, select_batch, write_manifest
 from universal.classes import ClassTableError, load_class_table
 
 
@@ -44,6 +45,17 @@ def cmd_demo_data(args: argparse.Namespace) -> None:
                             seed=args.seed)
     for key, root in roots.items():
         print(f"{key}\t{root}")
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    from universal.download import download_dataset
+
+    _, entry = _entry(args)
+    root = download_dataset(entry, args.root, mirror=args.mirror, retries=args.retries, timeout_s=args.timeout)
+    if args.done:
+        args.done.parent.mkdir(parents=True, exist_ok=True)
+        args.done.write_text(f"{entry.key}\t{entry.source['kind']}\t{root}\n")
+    print(f"[download] {entry.key}: ready in {root}", file=sys.stderr)
 
 
 def cmd_manifest(args: argparse.Namespace) -> None:
@@ -86,11 +98,18 @@ def cmd_train(args: argparse.Namespace) -> None:
     from universal.train import train, train_config_from_options
 
     options = json.loads(args.options) if args.options else {}
+    if not isinstance(options, dict):
+        raise ValueError(f"--options must be a JSON object, got {args.options!r}")
+    if args.init_checkpoint is not None:
+        options["init_checkpoint"] = str(args.init_checkpoint)
+    if args.trainable is not None:
+        options["trainable"] = args.trainable
     config = train_config_from_options(options, stores=args.stores, weights=args.weights,
                                        embeddings=args.embeddings, classes=args.classes,
                                        include_classes=args.include_class, out_dir=args.out_dir)
     final = train(config)
-    print(f"[train] final checkpoint: {final}", file=sys.stderr)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[train] final checkpoint: {final}", file=sys.stderr)
 
 
 def cmd_infer(args: argparse.Namespace) -> None:
@@ -98,7 +117,7 @@ def cmd_infer(args: argparse.Namespace) -> None:
 
     classes = _classes(args)
     cases = read_manifest(args.manifest)
-    chosen = [c for i, c in enumerate(cases) if i % args.batches == args.batch]
+    chosen = select_batch(cases, args.batch, args.batches)
     settings = InferenceSettings(spacing=tuple(args.spacing), window_hu=tuple(args.window), roi=tuple(args.roi),
                                  overlap=args.overlap, sw_batch_size=args.sw_batch_size, threshold=args.threshold,
                                  device=args.device, export_nifti=args.nifti)
@@ -112,7 +131,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from universal.evaluate import evaluate_predictions
 
     classes, entry = _entry(args)
-    cases = read_manifest(args.manifest)
+    cases = select_batch(read_manifest(args.manifest), args.batch, args.batches)
     evaluate_predictions(cases, entry, classes, args.predictions, args.out)
 
 
@@ -138,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo_data)
 
+    p = sub.add_parser("download", help="download and verify a dataset (or check a manual download)")
+    _add_catalog(p)
+    p.add_argument("--root", type=Path, required=True, help="the dataset's folder")
+    p.add_argument("--mirror", default=None, help="replace the scheme and host of every URL (or $UNIVERSAL_MIRROR)")
+    p.add_argument("--retries", type=int, default=5)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per network operation")
+    p.add_argument("--done", type=Path, default=None, help="marker file to write when the dataset is ready")
+    p.set_defaults(func=cmd_download)
+
     p = sub.add_parser("manifest", help="list a dataset's cases from its folder into a validated manifest")
     _add_catalog(p)
     p.add_argument("--root", type=Path, required=True, help="the dataset's folder")
@@ -162,13 +190,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--names", type=Path, default=None, help="row names of a bare tensor, one per line")
     p.set_defaults(func=cmd_embed)
 
-    p = sub.add_parser("train", help="train the universal model on zarr stores")
+    p = sub.add_parser(
+        "train", help="train (or fine-tune) the universal model on zarr stores; multi-GPU with torchrun",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train the universal model on zarr stores; resumes from the newest checkpoint in --out-dir.",
+        epilog="multi-process (DDP): torchrun --nproc_per_node=N -m universal.cli train ...  (NCCL on GPUs, one\n"
+               "  per LOCAL_RANK; gloo on CPU; batch_size is per process; rank 0 writes the log and checkpoints)\n"
+               "fine-tune on a novel class or task: a class table (or --include-class) and embeddings with the new\n"
+               "  class, plus --options '{\"init_checkpoint\": \"old/final.pt\", \"trainable\": \"heads\"}'\n"
+               "  (or --init-checkpoint/--trainable). Starts at step 0 with a fresh optimizer; every weight that fits\n"
+               "  is copied, the class embeddings come from --embeddings; 'heads' freezes the backbone and trains\n"
+               "  text_to_vision, controller, GAP and precls_conv.")
     _add_tables(p)
     p.add_argument("--stores", type=Path, nargs="+", required=True)
     p.add_argument("--weights", type=float, nargs="*", default=None, help="sampling weight per store")
     p.add_argument("--embeddings", type=Path, required=True)
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument("--options", default=None, help="JSON object of training settings (the config's train section)")
+    p.add_argument("--init-checkpoint", type=Path, default=None,
+                   help="fine-tune from this trained checkpoint (same as the option init_checkpoint)")
+    p.add_argument("--trainable", choices=("all", "heads"), default=None,
+                   help="what fine-tuning trains: all, or heads (frozen backbone); same as the option trainable")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("infer", help="predict CTs of a manifest into OME-Zarr (one batch: model loaded once)")
@@ -192,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_catalog(p)
     p.add_argument("--manifest", type=Path, required=True)
     p.add_argument("--predictions", type=Path, required=True, help="folder of <case>.ome.zarr predictions")
+    p.add_argument("--batch", type=int, default=0)
+    p.add_argument("--batches", type=int, default=1)
     p.add_argument("--out", type=Path, required=True, help="folder for one metrics TSV per case")
     p.set_defaults(func=cmd_evaluate)
 
@@ -208,13 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from universal.download import DownloadError
     from universal.embed import EmbedError
     from universal.harmonize import HarmonizeError
     from universal.volume import VolumeError
 
     try:
         args.func(args)
-    except (CatalogError, ClassTableError, EmbedError, HarmonizeError, VolumeError, ValueError) as err:
+    except (CatalogError, ClassTableError, DownloadError, EmbedError, HarmonizeError, VolumeError, ValueError) as err:
         print(f"universal {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -11,6 +11,7 @@ rule evaluate:
         "logs/evaluate/{dataset}_batch_{batch}.log",
     params:
         tables=CATALOG_ARGS,
+        batches=lambda wildcards: len(batches_of(wildcards.dataset)),
     conda:
         "../envs/universal.yaml"
     threads: 1
@@ -19,7 +20,7 @@ rule evaluate:
         runtime=120,
     shell:
         "universal evaluate {params.tables} --dataset {wildcards.dataset} --manifest {input.manifest} "
-        "--predictions {input.predictions} --out {output} > {log} 2>&1"
+        "--predictions {input.predictions} --batch {wildcards.batch} --batches {params.batches} --out {output} > {log} 2>&1"
 
 
 rule aggregate:
