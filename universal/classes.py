@@ -170,8 +170,8 @@ def _parse_row(path: Path, position: int, row: object, template: str) -> Univers
     name = row["name"]
     where = f"{path}: class {name!r}"
     index = row["index"]
-    if not isinstance(index, int) or not 1 <= index <= 255:
-        raise ClassTableError(f"{where}: index must be an integer in 1..255, got {index!r}")
+    if not isinstance(index, int) or not 1 <= index <= 254:
+        raise ClassTableError(f"{where}: index must be an integer in 1..254, got {index!r}")
     if row["kind"] not in KINDS:
         raise ClassTableError(f"{where}: kind must be one of {KINDS}, got {row['kind']!r}")
     colour = row["colour"]

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from universal.catalog import Case, DatasetEntry
 from universal.classes import ClassTable
@@ -32,6 +31,7 @@ from universal.store import open_store, write_case
 from universal.volume import Volume, VolumeError, resample, same_grid
 
 BODY_THRESHOLD_HU = -500.0
+UNMAPPED = 255  # lookup sentinel for raw values outside a dataset's map (class indices stop at 254)
 
 
 class HarmonizeError(ValueError):
@@ -48,28 +48,44 @@ class HarmonizedCase:
 
 
 def body_midline_x_mm(image: Volume) -> float:
-    """RAS x (mm) of the body's sagittal midline: the centroid x of voxels above -500 HU."""
+    """RAS x (mm) of the body's sagittal midline: the centroid x of voxels above -500 HU.
+
+    The centroid comes from the mask's marginal sums (one pass over the volume, exact), which is several times
+    faster than ``scipy.ndimage.center_of_mass`` on a full CT.
+    """
     body = image.array > BODY_THRESHOLD_HU
-    centre = ndimage.center_of_mass(body) if body.any() else (np.asarray(image.shape) - 1) / 2
-    return float(image.world(np.asarray(centre, dtype=np.float64))[0])
+    plane = body.sum(axis=2, dtype=np.int64)
+    count = int(plane.sum())
+    if count == 0:
+        centre = (np.asarray(image.shape, dtype=np.float64) - 1) / 2
+    else:
+        margins = (plane.sum(axis=1), plane.sum(axis=0), body.sum(axis=(0, 1), dtype=np.int64))
+        centre = np.array([float(np.dot(np.arange(m.size), m)) / count for m in margins])
+    return float(image.world(centre)[0])
 
 
 def harmonize_labels(raw: Volume, entry: DatasetEntry, classes: ClassTable, midline_x_mm: float | None,
                      case_name: str = "") -> np.ndarray:
-    """Map a raw label volume (RAS) to universal label values (uint8), splitting bilateral organs by side."""
-    values = np.unique(raw.array)
-    unexpected = sorted(set(values.tolist()) - entry.raw_values())
-    if unexpected:
-        raise HarmonizeError(f"{case_name}: label values {unexpected} are not in the map of dataset "
-                             f"{entry.key!r} (known: {sorted(entry.raw_values())})")
-    lut = np.zeros(int(values.max()) + 1, dtype=np.uint8)
+    """Map a raw label volume (RAS) to universal label values (uint8), splitting bilateral organs by side.
+
+    One uint8 lookup maps every voxel; values outside the dataset's map are found through a sentinel entry
+    (255, which no class index may take) and raise :class:`HarmonizeError` naming them.
+    """
+    known = entry.raw_values()
+    lut = np.full(max(known) + 1, UNMAPPED, dtype=np.uint8)
+    lut[0] = 0
     for rule in entry.labels:
-        if len(rule.classes) == 1 and rule.raw < lut.size:
-            lut[rule.raw] = classes[rule.classes[0]].index
-    out = lut[raw.array.astype(np.int64)]
+        lut[rule.raw] = classes[rule.classes[0]].index if len(rule.classes) == 1 else 0
+    array = raw.array
+    low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
+    out = lut[np.clip(array, 0, lut.size - 1)] if (low < 0 or high >= lut.size) else lut[array]
+    if low < 0 or high >= lut.size or (out == UNMAPPED).any():
+        unexpected = sorted(set(np.unique(array).tolist()) - known)
+        raise HarmonizeError(f"{case_name}: label values {unexpected} are not in the map of dataset "
+                             f"{entry.key!r} (known: {sorted(known)})")
     for rule in entry.labels:
         if rule.split:
-            _split_by_side(out, raw.array == rule.raw, rule.classes, classes, raw, midline_x_mm)
+            _split_by_side(out, array == rule.raw, rule.classes, classes, raw, midline_x_mm)
     return out
 
 
