@@ -5,7 +5,7 @@ import torch
 from monai.metrics import compute_dice
 
 from universal.aggregate import aggregate
-from universal.evaluate import class_region, dice, evaluate_case, voxel_side_is_right
+from universal.evaluate import class_region, dice, evaluate_case, voxel_side_is_right, write_metrics
 from universal.volume import Volume
 
 
@@ -61,13 +61,12 @@ def test_case_table_has_one_row_per_class(classes):
 def test_aggregate_with_dask_matches_pandas(classes, tmp_path):
     rng = np.random.default_rng(0)
     paths = []
-    for case in range(5):
+    for case in range(5):  # case 0 scores 0 everywhere ("0" in the TSV): dtypes must not come from the first file
         rows = [{"dataset": "ext" if case < 3 else "other", "case_id": f"c{case}", "class": c.name, "kind": c.kind,
-                 "predicted": c.name != "Colon", "dice": rng.random() if c.index % 7 else np.nan, "gt_ml": 1.0,
-                 "pred_ml": 2.0} for c in classes]
+                 "predicted": c.name != "Colon", "dice": 0.0 if case == 0 else rng.random() if c.index % 7 else np.nan,
+                 "gt_ml": 1.0, "pred_ml": 2.0} for c in classes]
         path = tmp_path / "metrics" / f"c{case}.tsv"
-        path.parent.mkdir(exist_ok=True)
-        pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
+        write_metrics(pd.DataFrame(rows), path)
         paths.append(path)
     outputs = aggregate(paths, classes, tmp_path / "out", threads=2)
     per_class = pd.read_csv(outputs["per_class"], sep="\t").set_index("class")
@@ -77,7 +76,7 @@ def test_aggregate_with_dask_matches_pandas(classes, tmp_path):
         assert per_class.loc[name, "dice_count"] == reference.count()[name]
     assert list(per_class.index) == classes.names
     assert not per_class.loc["Colon", "predicted"] and per_class.loc["Liver", "predicted"]
-    assert np.isnan(per_class.loc["Stomach", "dice_mean"])  # index 7: no values at all
+    assert per_class.loc["Stomach", "dice_count"] == 1  # index 7: only case 0 has a value
     per_dataset = pd.read_csv(outputs["per_dataset_class"], sep="\t")
     assert set(per_dataset["dataset"]) == {"ext", "other"} and len(per_dataset) == 62
     assert outputs["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

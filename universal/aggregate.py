@@ -19,6 +19,8 @@ from universal.classes import ClassTable
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+METRIC_DTYPES = {"dataset": str, "case_id": str, "class": str, "kind": str, "predicted": bool, "dice": "float64",
+                 "gt_ml": "float64", "pred_ml": "float64"}
 SUMMARY = {"dice": ["mean", "median", "std", "count"], "gt_ml": ["mean"], "pred_ml": ["mean"]}
 
 
@@ -26,7 +28,7 @@ def read_metrics(paths: list[str | Path]) -> dd.DataFrame:
     """A dask dataframe over per-case metric TSVs (one partition per file)."""
     if not paths:
         raise ValueError("no per-case metric tables to aggregate")
-    return dd.read_csv([str(p) for p in paths], sep="\t", dtype={"case_id": str, "dataset": str})
+    return dd.read_csv([str(p) for p in paths], sep="\t", dtype=METRIC_DTYPES)
 
 
 def summarise(frame: dd.DataFrame, by: list[str], threads: int) -> pd.DataFrame:
