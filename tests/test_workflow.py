@@ -82,7 +82,7 @@ def test_demo_workflow_end_to_end(tmp_path, classes):
     for batch, case in enumerate(cases):  # two batches: case i goes to batch i % 2
         folder = results / "predictions" / "demo_external" / f"batch_{batch}"
         image, organs, tumours, _ = read_prediction(folder / f"{case.case_id}.ome.zarr")
-        source = load_nifti(case.image)
+        source = load_nifti(workdir / case.image)  # manifest paths are relative to the working directory
         assert organs.shape == source.shape and tumours.shape == source.shape
         np.testing.assert_allclose(image.affine, source.affine, atol=1e-4)
         assert set(np.unique(organs)) <= {c.index for c in classes.organs()} | {0}
