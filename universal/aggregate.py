@@ -81,8 +81,8 @@ def plot_dice(per_case: pd.DataFrame, classes: ClassTable, path: Path) -> None:
     axis.set_xticks(range(1, len(present) + 1), [c.name for c in present], rotation=70, ha="right", fontsize=8)
     axis.set_ylim(0, 1)
     axis.set_ylabel("Dice per case")
-    note = f"; {skipped} classes not predicted (no training case annotates them)" if skipped else ""
-    axis.set_title(f"Dice per class ({per_case['case_id'].nunique()} cases{note})", fontsize=10)
+    note = f"\n{skipped} classes not predicted: no training case annotates them" if skipped else ""
+    axis.set_title(f"Dice per class, {per_case['case_id'].nunique()} cases{note}", fontsize=10)
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     tmp = path.with_name(path.stem + ".partial.png")
