@@ -109,6 +109,24 @@ def test_resumed_run_repeats_the_uninterrupted_losses(inputs: dict, tmp_path: Pa
     assert _losses(broken) == _losses(whole)
 
 
+def test_validation_dice_is_logged(inputs: dict, tmp_path: Path) -> None:
+    liver = inputs["stores"][1]
+    train(_config(inputs, tmp_path, steps=4, val_stores=[Path(liver)], val_every=2))
+    with (tmp_path / "val_log.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(r["step"]), r["dataset"], r["case_id"], r["class"]) for r in rows] == [
+        (2, "liver", "liver_0", "Liver"), (4, "liver", "liver_0", "Liver")]
+    for row in rows:
+        dice = float(row["dice"])
+        assert np.isnan(dice) or 0.0 <= dice <= 1.0
+
+
+def test_validation_keeps_resumed_losses(inputs: dict, tmp_path: Path) -> None:
+    train(_config(inputs, tmp_path / "plain", steps=4))
+    train(_config(inputs, tmp_path / "val", steps=4, val_stores=[inputs["stores"][1]], val_every=1))
+    assert _losses(tmp_path / "val") == _losses(tmp_path / "plain")
+
+
 def test_bf16_autocast_on_cpu_runs(inputs: dict, tmp_path: Path) -> None:
     train(_config(inputs, tmp_path, steps=2, amp="auto", bf16_on_cpu=True))
     assert all(np.isfinite(float(loss)) for _, loss in _losses(tmp_path))
@@ -135,12 +153,15 @@ def test_rng_state_survives_weights_only_load(tmp_path: Path) -> None:
 
 def test_config_from_flat_options(inputs: dict, tmp_path: Path) -> None:
     options = {"backbone": "unet", "features": [16, 16, 32, 64, 128, 16], "patch_size": [64, 64, 64],
-               "batch_size": 2, "steps": 500, "bf16_on_cpu": True, "device": "cpu"}
+               "batch_size": 2, "steps": 500, "bf16_on_cpu": True, "device": "cpu",
+               "val_stores": [Path(inputs["stores"][1])], "val_every": 100, "val_cases": 2, "val_overlap": 0.5}
     config = train_config_from_options(options, stores=inputs["stores"], weights=[1.0, 2.0],
                                        embeddings=inputs["embeddings"], classes=None, include_classes=[],
                                        out_dir=tmp_path)
     assert config.model.features == (16, 16, 32, 64, 128, 16) and config.patches.patch_size == (64, 64, 64)
     assert config.steps == 500 and config.bf16_on_cpu and config.weights == [1.0, 2.0]
+    assert config.val_stores == [inputs["stores"][1]] and config.val_every == 100
+    assert config.val_cases == 2 and config.val_overlap == 0.5
     assert TrainConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="bogus"):
         train_config_from_options({"bogus": 1}, stores=[], weights=None, embeddings="e", classes=None,

@@ -6,7 +6,8 @@ the zarr stores (:mod:`universal.patches`).
 
 Outputs in ``out_dir``: ``checkpoints/step_<n>.pt`` (model, optimizer, RNG and sampler state; the newest is resumed
 automatically), ``final.pt`` (model and metadata only), ``train_log.csv`` (step, loss, bce, dice, lr, seconds,
-grad_norm) and ``tensorboard/``. A resumed run continues exactly: patches are a function of (seed, sample index)
+grad_norm), ``val_log.csv`` (step, dataset, case_id, class, dice; when ``val_every`` > 0) and
+``tensorboard/``. A resumed run continues exactly: patches are a function of (seed, sample index)
 and the learning rate a function of the step, so on CPU it repeats the losses of an uninterrupted run.
 
 Several processes (``torchrun --nproc_per_node=N -m universal.cli train ...``, which sets RANK, WORLD_SIZE and
@@ -53,6 +54,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from universal.classes import ClassTable, load_class_table
+from universal.intensity import window
 from universal.losses import DEFAULT_DICE_SMOOTH, masked_bce_dice_loss
 from universal.model import (
     CHECKPOINT_FORMAT,
@@ -70,6 +72,7 @@ from universal.store import list_cases, open_case
 from universal.targets import multi_hot_targets
 
 CSV_COLUMNS = ("step", "loss", "bce", "dice", "lr", "seconds", "grad_norm")
+VAL_COLUMNS = ("step", "dataset", "case_id", "class", "dice")
 AMP_MODES = ("auto", "bf16", "off")
 TRAINABLE = ("all", "heads")
 
@@ -88,7 +91,9 @@ class TrainConfig:
     which ``keep_checkpoints`` are kept. ``init_checkpoint``: a trained model (``final.pt`` or a step checkpoint) to
     fine-tune from, at step 0 with a fresh optimizer (see the module docstring); a run that already has checkpoints
     in ``out_dir`` resumes from them instead. ``trainable``: ``"all"`` or ``"heads"`` (backbone frozen; needs
-    ``init_checkpoint``).
+    ``init_checkpoint``). ``val_stores``: zarr stores of held-out cases, of which at most ``val_cases`` per store
+    are evaluated every ``val_every`` steps and at the end (0: never) by sliding-window inference with
+    ``val_overlap`` (rank 0 only; Dice per annotated class in ``val_log.csv``).
     """
 
     stores: list[str]
@@ -117,9 +122,16 @@ class TrainConfig:
     device: str = "auto"
     init_checkpoint: str | None = None
     trainable: str = "all"
+    val_stores: list[str] = field(default_factory=list)
+    val_every: int = 0
+    val_cases: int = 4
+    val_overlap: float = 0.25
 
     def __post_init__(self) -> None:
         self.stores = [str(s) for s in self.stores]
+        self.val_stores = [str(s) for s in self.val_stores]
+        if self.val_every < 0 or self.val_cases < 0 or not 0.0 <= self.val_overlap < 1.0:
+            raise ValueError("val_every and val_cases must be >= 0 and val_overlap in [0, 1)")
         self.embeddings, self.out_dir = str(self.embeddings), str(self.out_dir)
         if self.class_table is not None:
             self.class_table = str(self.class_table)
@@ -357,6 +369,69 @@ def train_step(model: nn.Module, batch: dict, classes: ClassTable, optimizer: to
             "grad_norm": float(grad_norm)}
 
 
+def dice_score(pred: torch.Tensor, truth: torch.Tensor) -> float:
+    """2|P∩G| / (|P| + |G|) of two bool masks; NaN when both are empty."""
+    total = int(pred.sum()) + int(truth.sum())
+    return float("nan") if total == 0 else 2.0 * int((pred & truth).sum()) / total
+
+
+def validate(model: UniversalModel, config: TrainConfig, classes: ClassTable, device: torch.device,
+             amp: torch.dtype | None, step: int) -> list[dict]:
+    """Dice per annotated class of the held-out cases (at most ``val_cases`` per store of ``val_stores``) by
+    sliding-window inference; rows (step, dataset, case_id, class, dice). The model is put in eval mode and back
+    (a frozen backbone stays in eval); the RNG states are restored afterwards, so training is unaffected."""
+    from monai.inferers import sliding_window_inference
+
+    saved_rng = rng_state()
+    was_training = model.training
+    model.eval()
+    rows: list[dict] = []
+    try:
+        with torch.no_grad():
+            for store in config.val_stores:
+                for case_id in list_cases(store)[:config.val_cases]:
+                    case = open_case(store, case_id)
+                    names = [n for n in case.annotated if n in classes]
+                    if case.label is None or not names:
+                        continue
+                    channels = [classes.channel(n) for n in names]
+                    image = window(case.image[...], *config.patches.window_hu)[None, None].to(device)
+                    with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+                        logits = sliding_window_inference(
+                            image, config.patches.patch_size, 2, lambda x, c=channels: model(x, classes=c),
+                            overlap=config.val_overlap, mode="gaussian")
+                    pred = torch.sigmoid(logits.float())[0] > 0.5
+                    label = torch.as_tensor(np.asarray(case.label[...]).astype(np.int64))[None]
+                    affine = case.affine
+                    x_mm = torch.as_tensor(affine[0, 0] * np.arange(label.shape[1]) + affine[0, 3])[None]
+                    midline = torch.tensor([float(case.attrs["midline_x_mm"])])
+                    truth = multi_hot_targets(label, classes, x_mm, midline)[0, channels].to(pred.device)
+                    dataset = case.attrs.get("dataset", Path(store).stem)
+                    for i, name in enumerate(names):
+                        rows.append({"step": step, "dataset": dataset, "case_id": case_id, "class": name,
+                                     "dice": dice_score(pred[i], truth[i])})
+    finally:
+        model.train(was_training)
+        if was_training and config.trainable == "heads":
+            model.backbone.eval()
+        set_rng_state(saved_rng)
+    return rows
+
+
+def _write_val_rows(path: Path, rows: list[dict], step: int) -> None:
+    """Append validation rows to ``val_log.csv`` and print the mean Dice (over non-NaN values) to stderr."""
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=VAL_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    values = [r["dice"] for r in rows if not math.isnan(r["dice"])]
+    mean = sum(values) / len(values) if values else float("nan")
+    print(f"[train] step {step} validation: mean Dice {mean:.4f} over {len(values)} (case, class) pairs",
+          file=sys.stderr)
+
+
 def _prepare_model(config: TrainConfig, classes: ClassTable, device: torch.device,
                    resume: Path | None, verbose: bool = True) -> tuple[UniversalModel, torch.optim.Optimizer, dict]:
     """Model and AdamW, fresh (from ``init_checkpoint`` when set) or from the resumable checkpoint ``resume``;
@@ -493,6 +568,14 @@ def _train(config: TrainConfig, env: DistributedEnv, device: torch.device) -> Pa
     dataset = PatchDataset(config.stores, classes, config.patches, config.weights, config.seed)
     batches = iter(patch_loader(dataset, config.batch_size, start, config.num_workers, rank, world_size))
     log = TrainLog(out_dir, start, config.steps, config.log_every) if main else None
+    val_log = out_dir / "val_log.csv"
+    validating = main and config.val_every > 0 and bool(config.val_stores)
+    if validating and val_log.exists():  # drop rows of steps a resumed run redoes
+        kept = _read_rows(val_log, start)
+        with val_log.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=VAL_COLUMNS)
+            writer.writeheader()
+            writer.writerows(kept)
     model.train()
     if config.trainable == "heads":
         model.backbone.eval()
@@ -506,6 +589,8 @@ def _train(config: TrainConfig, env: DistributedEnv, device: torch.device) -> Pa
             row = _mean_over_ranks(row, ("loss", "bce", "dice"), device, world_size)
             if log is not None:
                 log.write({"step": step + 1, "lr": lr, "seconds": time.perf_counter() - began, **row})
+            if validating and ((step + 1) % config.val_every == 0 or step + 1 == config.steps):
+                _write_val_rows(val_log, validate(model, config, classes, device, amp, step + 1), step + 1)
             if main and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
                 _save_resumable(out_dir, step + 1, model, optimizer, config, classes, world_size, init)
     finally:
