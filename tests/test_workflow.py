@@ -64,6 +64,11 @@ def test_lint_is_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_ruff_is_clean():
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", str(REPO)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 @pytest.mark.slow
 def test_demo_workflow_end_to_end(tmp_path, classes):
     workdir = _deploy(tmp_path, {"demo": {"cases_per_dataset": 2, "external_cases": 2},
