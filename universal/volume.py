@@ -15,6 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from isal import igzip
 
 
 class VolumeError(ValueError):
@@ -59,7 +60,7 @@ def load_nifti(path: str | Path, dtype: type | None = None) -> Volume:
     """
     path = Path(path)
     try:
-        image = nib.load(str(path))
+        image = _read_image(path)
         canonical = nib.as_closest_canonical(image)
         array = np.asarray(canonical.dataobj)
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError,
@@ -77,6 +78,21 @@ def load_nifti(path: str | Path, dtype: type | None = None) -> Volume:
     if dtype is not None:
         array = array.astype(dtype, copy=False)
     return Volume(array, affine)
+
+
+NIFTI_HEADER_SIZES = {348: nib.Nifti1Image, 540: nib.Nifti2Image}
+
+
+def _read_image(path: Path) -> nib.Nifti1Image:
+    """Open a NIfTI file; gzip files are inflated in memory with ISA-L (about twice as fast as zlib here)."""
+    if not path.name.endswith(".gz"):
+        return nib.load(str(path))
+    data = igzip.decompress(path.read_bytes())
+    for byteorder in ("little", "big"):
+        kind = NIFTI_HEADER_SIZES.get(int.from_bytes(data[:4], byteorder))
+        if kind is not None:
+            return kind.from_bytes(data)
+    return nib.load(str(path))
 
 
 def save_nifti(volume: Volume, path: str | Path) -> None:
@@ -116,12 +132,16 @@ def resample(volume: Volume, target_spacing: tuple[float, float, float], order: 
     spacing = volume.spacing
     out_shape = shape or resampled_shape(volume.shape, spacing, target_spacing)
     zoom = tuple(s / t for s, t in zip(spacing, target_spacing, strict=True))
-    data = torch.from_numpy(np.ascontiguousarray(volume.array))
-    work = resample_tensor(data if order == 0 else data.to(torch.float32), zoom, out_shape, order)
+    # Work in the array's memory order: a NIfTI array is Fortran-ordered, often with flipped axes after RAS
+    # reorientation, and copying it into C order costs a cache-unfriendly transpose of the whole volume.
+    order_axes = tuple(int(a) for a in np.argsort([-abs(st) for st in volume.array.strides], kind="stable"))
+    data = torch.from_numpy(np.ascontiguousarray(volume.array.transpose(order_axes)))
+    work = resample_tensor(data if order == 0 else data.to(torch.float32), tuple(zoom[a] for a in order_axes),
+                           tuple(out_shape[a] for a in order_axes), order)
     if order == 1 and not np.issubdtype(volume.array.dtype, np.floating):
         info = np.iinfo(volume.array.dtype)
         work = work.round_().clamp_(info.min, info.max)
-    array = work.numpy().astype(volume.array.dtype, copy=False)
+    array = work.numpy().astype(volume.array.dtype, copy=False).transpose(np.argsort(order_axes))
     affine = volume.affine.copy()
     affine[:3, :3] = volume.direction * np.asarray(target_spacing)
     return Volume(array, affine)
