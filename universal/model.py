@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from monai.networks.nets import SwinUNETR
 from monai.networks.nets.basic_unet import Down, TwoConv, UpCat
 from torch import Tensor, nn
+
+from universal.settings import known_keys
 
 BACKBONES = ("unet", "swinunetr")
 EMBEDDING_NORMS = ("none", "centered")
@@ -93,10 +95,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
         """Inverse of :meth:`to_dict`; raises ValueError naming unknown keys."""
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}")
-        return cls(**data)
+        return cls(**known_keys(cls, data, "model config"))
 
 
 def _group_norm(channels: int, groups: int = 16) -> nn.GroupNorm:

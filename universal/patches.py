@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from universal.classes import ClassTable
 from universal.intensity import DEFAULT_WINDOW_HU, window
+from universal.settings import known_keys
 from universal.store import StoredCase, list_cases, open_case
 from universal.targets import annotated_mask
 
@@ -85,10 +86,7 @@ class PatchConfig:
     @classmethod
     def from_dict(cls, data: dict) -> PatchConfig:
         """Inverse of :meth:`to_dict`; raises ValueError naming unknown keys."""
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown patch config keys {sorted(unknown)}")
-        return cls(**data)
+        return cls(**known_keys(cls, data, "patch config"))
 
 
 @dataclass

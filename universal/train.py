@@ -68,6 +68,7 @@ from universal.model import (
     save_checkpoint,
 )
 from universal.patches import PatchConfig, PatchDataset, patch_loader
+from universal.settings import known_keys
 from universal.store import list_cases, open_case
 from universal.targets import multi_hot_targets
 
@@ -155,10 +156,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
         """Inverse of :meth:`to_dict`; raises ValueError naming unknown keys."""
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown training config keys {sorted(unknown)}")
-        data = dict(data)
+        data = known_keys(cls, data, "training config")
         data["model"] = ModelConfig.from_dict(data.get("model", {}))
         data["patches"] = PatchConfig.from_dict(data.get("patches", {}))
         return cls(**data)
