@@ -25,6 +25,7 @@ include: "workflow/rules/evaluate.smk"
 rule all:
     default_target: True
     input:
+        "results/model/final.pt",
         evaluation_outputs(),
         external_prediction_outputs(),
 

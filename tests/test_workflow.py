@@ -59,6 +59,16 @@ def test_unknown_dataset_key_is_named(tmp_path):
     assert result.returncode != 0 and "['lits'] are not in the catalog" in result.stdout + result.stderr
 
 
+def test_real_data_config_layered_over_the_demo_leaves_the_phantoms_out(tmp_path):
+    workdir = _deploy(tmp_path, {})
+    result = _snakemake(workdir, "-n", "--configfile", str(REPO / "config" / "real.yaml"))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    stats = output[output.index("Job stats"):]
+    assert "download" in stats and "train" in stats and "harmonize" in stats
+    assert "demo_data" not in stats and "demo_" not in output
+
+
 def test_lint_is_clean():
     result = _snakemake(REPO, "--lint")
     assert result.returncode == 0, result.stdout + result.stderr

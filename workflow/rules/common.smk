@@ -17,8 +17,15 @@ if _unknown:
     raise ValueError(
         f"config datasets {_unknown} are not in the catalog {config['catalog']}; known: {sorted(CATALOG)}"
     )
-TRAIN_DATASETS = [key for key in config["datasets"] if CATALOG[key].role == "train"]
-EXTERNAL_DATASETS = [key for key in config["datasets"] if CATALOG[key].role == "external"]
+# Generated (synthetic) datasets take part only while the demo is enabled: a config for real data that is
+# layered over the demo config (--configfile merges mappings) thus leaves the phantoms out.
+DATASETS = {
+    key: settings
+    for key, settings in config["datasets"].items()
+    if config["demo"]["enabled"] or CATALOG[key].source["kind"] != "generated"
+}
+TRAIN_DATASETS = [key for key in DATASETS if CATALOG[key].role == "train"]
+EXTERNAL_DATASETS = [key for key in DATASETS if CATALOG[key].role == "external"]
 if not TRAIN_DATASETS:
     raise ValueError("config datasets: at least one dataset with catalog role 'train' is needed")
 SAMPLE_SHEET = "external_samples"
@@ -31,12 +38,12 @@ CATALOG_ARGS = f"{TABLE_ARGS} --catalog {config['catalog']}"
 
 
 wildcard_constraints:
-    dataset="|".join(list(config["datasets"]) + [SAMPLE_SHEET]),
+    dataset="|".join(list(DATASETS) + [SAMPLE_SHEET]),
     batch=r"\d+",
 
 
 def dataset_root(wildcards):
-    return config["datasets"][wildcards.dataset]["root"]
+    return DATASETS[wildcards.dataset]["root"]
 
 
 def dataset_source(wildcards):

@@ -13,7 +13,7 @@ rule train:
         "logs/train.log",
     params:
         tables=TABLE_ARGS,
-        weights=" ".join(str(config["datasets"][d].get("weight", 1.0)) for d in TRAIN_DATASETS),
+        weights=" ".join(str(DATASETS[d].get("weight", 1.0)) for d in TRAIN_DATASETS),
         options=json.dumps({**config["train"], "device": config["device"]}),
         out_dir=lambda wildcards, output: Path(output.checkpoint).parent,
     conda:
