@@ -30,3 +30,4 @@ def shared_data() -> Path:
     if not root.is_dir():
         pytest.skip(f"real example data not found at {root} (set UNIVERSAL_SHARED_DATA to its folder)")
     return root
+

@@ -13,13 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from synthetic import write_sphere_case
 
 from universal.classes import load_class_table
 from universal.model import build_model, load_checkpoint, load_embeddings
 from universal.patches import PatchCollate, PatchDataset
-from universal.store import write_case
 from universal.train import TrainConfig, train, train_config_from_options, train_step
-from universal.volume import Volume
 
 SHAPE = (40, 40, 40)
 REPO = Path(__file__).resolve().parent.parent
@@ -33,17 +32,9 @@ def inputs(tmp_path_factory) -> dict:
     """A one-case store (liver and spleen) and an embeddings file for the default class table."""
     root = tmp_path_factory.mktemp("ddp_inputs")
     classes = load_class_table()
-    rng = np.random.default_rng(1)
-    grid = np.indices(SHAPE)
-    affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    affine[:3, 3] = -39.0
-    image = rng.normal(-900, 20, SHAPE).astype(np.int16)
-    label = np.zeros(SHAPE, dtype=np.uint8)
-    for name, centre in (("Liver", (12, 20, 20)), ("Spleen", (28, 20, 20))):
-        inside = sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) <= 36
-        label[inside], image[inside] = classes[name].index, 80
-    attrs = {"dataset": "abdomen", "annotated": ["Liver", "Spleen"], "midline_x_mm": 0.0}
-    write_case(root / "abdomen.zarr", "abdomen_0", Volume(image, affine), Volume(label, affine), attrs)
+    write_sphere_case(root / "abdomen.zarr", "abdomen_0", classes,
+                      [("Liver", (12, 20, 20), 6, 80), ("Spleen", (28, 20, 20), 6, 80)],
+                      np.random.default_rng(1), "abdomen")
     embeddings = root / "prompts.pt"
     torch.save({"embeddings": torch.randn(len(classes), 512), "class_names": classes.names,
                 "prompts": classes.prompts, "encoder": {"model": "random"}}, embeddings)

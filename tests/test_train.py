@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from synthetic import write_sphere_case
 
 import universal.train as train_module
 from universal.classes import load_class_table
 from universal.model import ModelConfig, load_checkpoint
 from universal.patches import PatchConfig
-from universal.store import write_case
 from universal.train import (
     TrainConfig,
     latest_checkpoint,
@@ -24,7 +24,6 @@ from universal.train import (
     train,
     train_config_from_options,
 )
-from universal.volume import Volume
 
 SHAPE = (40, 40, 40)
 
@@ -35,20 +34,11 @@ def inputs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("train_inputs")
     classes = load_class_table()
     rng = np.random.default_rng(0)
-    grid = np.indices(SHAPE)
-    affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    affine[:3, 3] = -39.0
     stores = []
-    for name, spheres in {"kidney": [("Right Kidney", (28, 20, 20)), ("Left Kidney", (11, 20, 20)),
-                                     ("Kidney Tumor", (11, 20, 20))],
-                          "liver": [("Liver", (24, 18, 20))]}.items():
-        image = rng.normal(-900, 20, SHAPE).astype(np.int16)
-        label = np.zeros(SHAPE, dtype=np.uint8)
-        for cls, centre in spheres:
-            inside = sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) <= (3 if "Tumor" in cls else 6) ** 2
-            label[inside], image[inside] = classes[cls].index, 80
-        attrs = {"dataset": name, "annotated": [s[0] for s in spheres], "midline_x_mm": 0.0}
-        write_case(root / f"{name}.zarr", f"{name}_0", Volume(image, affine), Volume(label, affine), attrs)
+    for name, spheres in {"kidney": [("Right Kidney", (28, 20, 20), 6, 80), ("Left Kidney", (11, 20, 20), 6, 80),
+                                     ("Kidney Tumor", (11, 20, 20), 3, 80)],
+                          "liver": [("Liver", (24, 18, 20), 6, 80)]}.items():
+        write_sphere_case(root / f"{name}.zarr", f"{name}_0", classes, spheres, rng, name)
         stores.append(str(root / f"{name}.zarr"))
     embeddings = root / "prompts.pt"
     torch.save({"embeddings": torch.randn(len(classes), 512), "class_names": classes.names,

@@ -9,13 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from synthetic import write_sphere_case
 
 from universal import cli
 from universal.classes import load_class_table
 from universal.model import HEAD_MODULES, ModelConfig, build_model, load_checkpoint, save_checkpoint
-from universal.store import write_case
 from universal.train import train, train_config_from_options
-from universal.volume import Volume
 
 SHAPE = (40, 40, 40)
 NOVEL = "Novel Structure"
@@ -38,17 +37,9 @@ def inputs(tmp_path_factory) -> dict:
     table = root / "classes.yaml"
     table.write_text(TABLE)
     classes = load_class_table(table, include=[NOVEL])
-    rng = np.random.default_rng(2)
-    grid = np.indices(SHAPE)
-    affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    affine[:3, 3] = -39.0
-    image = rng.normal(-900, 20, SHAPE).astype(np.int16)
-    label = np.zeros(SHAPE, dtype=np.uint8)
-    for name, centre, value in (("Liver", (12, 20, 20), 80), ("Spleen", (28, 20, 20), 60), (NOVEL, (20, 30, 20), 300)):
-        inside = sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) <= 36
-        label[inside], image[inside] = classes[name].index, value
-    attrs = {"dataset": "abdomen", "annotated": classes.names, "midline_x_mm": 0.0}
-    write_case(root / "abdomen.zarr", "abdomen_0", Volume(image, affine), Volume(label, affine), attrs)
+    write_sphere_case(root / "abdomen.zarr", "abdomen_0", classes,
+                      [("Liver", (12, 20, 20), 6, 80), ("Spleen", (28, 20, 20), 6, 60), (NOVEL, (20, 30, 20), 6, 300)],
+                      np.random.default_rng(2), "abdomen", annotated=classes.names)
     rows = torch.randn(3, 512)
     paths = {}
     for key, count in (("base", 2), ("novel", 3)):

@@ -79,15 +79,14 @@ def predict_volume(model: torch.nn.Module, image: Volume, classes: ClassTable, s
     return CasePrediction(image, back[0], back[1], midline)
 
 
-def export_nifti(prediction: np.ndarray, source: Path, path: Path) -> None:
-    """Write a RAS label map as NIfTI in the source file's own orientation and affine."""
-    original = nib.load(str(source))
+def export_nifti(prediction: np.ndarray, source_affine: np.ndarray, path: Path) -> None:
+    """Write a RAS label map as NIfTI in the source file's own orientation and affine (4x4, voxel -> RAS mm)."""
     transform = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")),
-                                                nib.orientations.io_orientation(original.affine))
+                                                nib.orientations.io_orientation(source_affine))
     data = nib.orientations.apply_orientation(prediction, transform).astype(np.uint8)
-    image = nib.Nifti1Image(data, original.affine)
-    image.set_qform(original.affine, code=1)
-    image.set_sform(original.affine, code=1)
+    image = nib.Nifti1Image(data, source_affine)
+    image.set_qform(source_affine, code=1)
+    image.set_sform(source_affine, code=1)
     tmp = path.with_name(path.name.replace(".nii.gz", ".partial.nii.gz"))
     nib.save(image, str(tmp))
     tmp.replace(path)
@@ -119,8 +118,9 @@ def infer_cases(cases: list[Case], checkpoint: str | Path, classes: ClassTable, 
             log.error("case %s failed: %s", case.case_id, err)
             continue
         prediction = predict_volume(model, image, classes, settings, predicted)
+        source_affine = nib.load(str(case.image)).affine  # the file's own affine (header only)
         attrs = {"case_id": case.case_id, "dataset": case.dataset, "source_image": str(case.image),
-                 "source_affine": nib.load(str(case.image)).affine.tolist(), "checkpoint": str(checkpoint),
+                 "source_affine": source_affine.tolist(), "checkpoint": str(checkpoint),
                  "midline_x_mm": prediction.midline_x_mm, "threshold": settings.threshold,
                  "spacing_model_mm": list(settings.spacing), "class_table_digest": classes.digest(),
                  "predicted_classes": predicted}
@@ -129,7 +129,7 @@ def infer_cases(cases: list[Case], checkpoint: str | Path, classes: ClassTable, 
                          prediction.tumours, classes, attrs)
         if settings.export_nifti:
             for name, labels in (("organs", prediction.organs), ("tumours", prediction.tumours)):
-                export_nifti(labels, case.image, out_dir / f"{case.case_id}_{name}.nii.gz")
+                export_nifti(labels, source_affine, out_dir / f"{case.case_id}_{name}.nii.gz")
         print(f"[infer] {number}/{len(cases)} {case.case_id}: {time.perf_counter() - start:.1f} s",
               file=sys.stderr, flush=True)
     with (out_dir / "failed.tsv").open("w") as handle:
