@@ -111,6 +111,16 @@ def test_validation_dice_is_logged(inputs: dict, tmp_path: Path) -> None:
         assert np.isnan(dice) or 0.0 <= dice <= 1.0
 
 
+def test_validation_skips_classes_training_never_sees(inputs: dict, tmp_path: Path) -> None:
+    held_out = tmp_path / "held_out.zarr"
+    write_sphere_case(held_out, "ext_0", load_class_table(),
+                      [("Liver", (24, 18, 20), 6, 80), ("Spleen", (10, 28, 20), 5, 90)], np.random.default_rng(1),
+                      "external")
+    train(_config(inputs, tmp_path / "run", steps=2, val_stores=[held_out], val_every=2))
+    with (tmp_path / "run" / "val_log.csv").open() as f:
+        assert [(r["case_id"], r["class"]) for r in csv.DictReader(f)] == [("ext_0", "Liver")]
+
+
 def test_validation_keeps_resumed_losses(inputs: dict, tmp_path: Path) -> None:
     train(_config(inputs, tmp_path / "plain", steps=4))
     train(_config(inputs, tmp_path / "val", steps=4, val_stores=[inputs["stores"][1]], val_every=1))

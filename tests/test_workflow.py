@@ -91,6 +91,11 @@ def test_demo_workflow_end_to_end(tmp_path, classes):
     assert (results / "model" / "final.pt").exists() and (results / "embeddings" / "prompts.pt").exists()
     log = pd.read_csv(results / "model" / "train_log.csv")
     assert len(log) == 6 and np.isfinite(log["loss"]).all()
+    validation = pd.read_csv(results / "model" / "val_log.csv")  # validation runs at the last step
+    trained = {"Liver", "Liver Tumor", "Spleen", "Left Kidney", "Right Kidney", "Kidney Tumor", "Gall Bladder",
+               "Esophagus", "Stomach", "Pancreas", "Duodenum"}
+    assert set(validation["step"]) == {6} and set(validation["class"]) == trained
+    assert validation["case_id"].nunique() == 2 and validation["dice"].dropna().between(0, 1).all()
 
     cases = read_manifest(results / "manifests" / "demo_external.tsv")
     assert len(cases) == 2

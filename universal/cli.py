@@ -58,6 +58,16 @@ def cmd_download(args: argparse.Namespace) -> None:
     print(f"[download] {entry.key}: ready in {root}", file=sys.stderr)
 
 
+def cmd_dicom_to_nifti(args: argparse.Namespace) -> None:
+    from universal.dicom_convert import convert_series
+
+    results = convert_series(args.input, args.out, args.image, args.modality)
+    counts = {status: sum(r.status == status for r in results) for status in ("written", "exists", "failed")}
+    print(f"[dicom-to-nifti] {args.input}: {counts} (report {args.out}/conversion.tsv)", file=sys.stderr)
+    if counts["failed"]:
+        raise ValueError(f"{counts['failed']} series could not be converted; see {args.out}/conversion.tsv")
+
+
 def cmd_manifest(args: argparse.Namespace) -> None:
     _, entry = _entry(args)
     cases = find_cases(entry, args.root)
@@ -165,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per network operation")
     p.add_argument("--done", type=Path, default=None, help="marker file to write when the dataset is ready")
     p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("dicom-to-nifti", help="convert DICOM series (e.g. an IDC download) to NIfTI images")
+    p.add_argument("--input", type=Path, required=True, help="folder searched for DICOM series (one per folder)")
+    p.add_argument("--out", type=Path, required=True, help="root the image template is relative to")
+    p.add_argument("--image", default="img/{PatientID}.nii.gz",
+                   help="output path template of DICOM attributes (default: img/{PatientID}.nii.gz)")
+    p.add_argument("--modality", default="CT", help="series of this modality are converted (default: CT)")
+    p.set_defaults(func=cmd_dicom_to_nifti)
 
     p = sub.add_parser("manifest", help="list a dataset's cases from its folder into a validated manifest")
     _add_catalog(p)

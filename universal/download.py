@@ -508,9 +508,16 @@ def _strip_archive_suffix(name: str) -> str:
 
 
 def _download_idc(entry: DatasetEntry, root: Path) -> None:
+    """Download an IDC collection's DICOM series into ``root/<source.dicom_dir>`` (default ``dicom``), then, with
+    ``source.convert`` (``image``: a template of DICOM attributes under ``root``, ``modality``: default CT),
+    convert each series to NIfTI (:mod:`universal.dicom_convert`). Series that fail are reported and left out;
+    the layout check of the dataset then names the cases that are missing."""
     collection = entry.source.get("collection")
     if not collection:
         raise DownloadError(f"dataset {entry.key!r}: source kind 'idc' needs a 'collection'")
+    convert = entry.source.get("convert")
+    if convert is not None and not (isinstance(convert, dict) and convert.get("image")):
+        raise DownloadError(f"dataset {entry.key!r}: source.convert must be a mapping with an 'image' template")
     try:
         from idc_index import IDCClient
     except ImportError:
@@ -520,6 +527,33 @@ def _download_idc(entry: DatasetEntry, root: Path) -> None:
             raise DownloadError(f"dataset {entry.key!r} comes from the NCI Imaging Data Commons collection "
                                 f"{collection!r}; downloading it needs the idc-index package: "
                                 f"pip install idc-index") from err
-    root.mkdir(parents=True, exist_ok=True)
-    log.info("dataset %r: downloading IDC collection %r into %s", entry.key, collection, root)
-    IDCClient().download_from_selection(collection_id=collection, downloadDir=str(root))
+    dicom_dir = root / _safe_relative(entry, str(entry.source.get("dicom_dir", "dicom")))
+    dicom_dir.mkdir(parents=True, exist_ok=True)
+    log.info("dataset %r: downloading IDC collection %r into %s", entry.key, collection, dicom_dir)
+    IDCClient().download_from_selection(collection_id=collection, downloadDir=str(dicom_dir))
+    if convert is not None:
+        convert_idc_download(entry, root)
+
+
+def convert_idc_download(entry: DatasetEntry, root: Path) -> list:
+    """Convert the downloaded DICOM series of an IDC entry to NIfTI as its ``source.convert`` says; returns the
+    per-series results (also in ``root/conversion.tsv``)."""
+    from universal.dicom_convert import ConversionError, convert_series
+
+    convert = entry.source["convert"]
+    dicom_dir = root / _safe_relative(entry, str(entry.source.get("dicom_dir", "dicom")))
+    try:
+        results = convert_series(dicom_dir, root, str(convert["image"]), str(convert.get("modality", "CT")))
+    except ConversionError as err:
+        raise DownloadError(f"dataset {entry.key!r}: {err}") from err
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        log.warning("dataset %r: %d series could not be converted (see %s): %s", entry.key, len(failed),
+                    root / "conversion.tsv", "; ".join(f"{r.folder}: {r.error}" for r in failed[:5]))
+    return results
+
+
+def _safe_relative(entry: DatasetEntry, relative: str) -> str:
+    if _path_problem(relative):
+        raise DownloadError(f"dataset {entry.key!r}: {relative!r} must be a relative path inside the dataset folder")
+    return relative

@@ -336,10 +336,12 @@ def _slice_pixels(volume: Volume, k: int) -> np.ndarray:
     return np.ascontiguousarray(volume.array[::-1, ::-1, k].T)
 
 
-def write_dicom_series(volume: Volume, folder: Path, name: str, hu: bool) -> None:
+def write_dicom_series(volume: Volume, folder: Path, name: str, hu: bool, patient_id: str = "MIRROR",
+                       modality: str = "CT") -> None:
     """Write a RAS volume (axis-aligned affine) as an axial DICOM series, one file per slice, the first file
     the most superior slice (``name`` formats the file index). ``hu``: CT pixels stored as HU + 1024 with
-    RescaleIntercept -1024; otherwise the values as they are (masks)."""
+    RescaleIntercept -1024; otherwise the values as they are (masks). ``patient_id`` and ``modality`` fill
+    PatientID and Modality."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -359,7 +361,7 @@ def write_dicom_series(volume: Volume, folder: Path, name: str, hu: bool) -> Non
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.Modality, ds.PatientID, ds.InstanceNumber = "CT", "MIRROR", index + 1
+        ds.Modality, ds.PatientID, ds.InstanceNumber = modality, patient_id, index + 1
         ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
         ds.ImagePositionPatient = [float(-corner[0]), float(-corner[1]), float(corner[2])]
         ds.PixelSpacing, ds.SliceThickness = [float(sy), float(sx)], float(sz)

@@ -374,9 +374,11 @@ def dice_score(pred: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 def validate(model: UniversalModel, config: TrainConfig, classes: ClassTable, device: torch.device,
-             amp: torch.dtype | None, step: int) -> list[dict]:
-    """Dice per annotated class of the held-out cases (at most ``val_cases`` per store of ``val_stores``) by
-    sliding-window inference; rows (step, dataset, case_id, class, dice). The model is put in eval mode and back
+             amp: torch.dtype | None, step: int, trained: list[str]) -> list[dict]:
+    """Dice per class of the held-out cases (at most ``val_cases`` per store of ``val_stores``) by
+    sliding-window inference, over the classes a case annotates and training sees (``trained``: the heads of
+    the other classes get no gradient, their Dice would say nothing); rows (step, dataset, case_id, class, dice).
+    The model is put in eval mode and back
     (a frozen backbone stays in eval); the RNG states are restored afterwards, so training is unaffected."""
     from monai.inferers import sliding_window_inference
 
@@ -389,7 +391,7 @@ def validate(model: UniversalModel, config: TrainConfig, classes: ClassTable, de
             for store in config.val_stores:
                 for case_id in list_cases(store)[:config.val_cases]:
                     case = open_case(store, case_id)
-                    names = [n for n in case.annotated if n in classes]
+                    names = [n for n in case.annotated if n in trained]
                     if case.label is None or not names:
                         continue
                     channels = [classes.channel(n) for n in names]
@@ -568,6 +570,7 @@ def _train(config: TrainConfig, env: DistributedEnv, device: torch.device) -> Pa
     log = TrainLog(out_dir, start, config.steps, config.log_every) if main else None
     val_log = out_dir / "val_log.csv"
     validating = main and config.val_every > 0 and bool(config.val_stores)
+    trained = trained_classes(config.stores, classes, init) if validating else []
     if validating and val_log.exists():  # drop rows of steps a resumed run redoes
         kept = _read_rows(val_log, start)
         with val_log.open("w", newline="") as f:
@@ -588,7 +591,7 @@ def _train(config: TrainConfig, env: DistributedEnv, device: torch.device) -> Pa
             if log is not None:
                 log.write({"step": step + 1, "lr": lr, "seconds": time.perf_counter() - began, **row})
             if validating and ((step + 1) % config.val_every == 0 or step + 1 == config.steps):
-                _write_val_rows(val_log, validate(model, config, classes, device, amp, step + 1), step + 1)
+                _write_val_rows(val_log, validate(model, config, classes, device, amp, step + 1, trained), step + 1)
             if main and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
                 _save_resumable(out_dir, step + 1, model, optimizer, config, classes, world_size, init)
     finally:

@@ -28,6 +28,11 @@ TRAIN_DATASETS = [key for key in DATASETS if CATALOG[key].role == "train"]
 EXTERNAL_DATASETS = [key for key in DATASETS if CATALOG[key].role == "external"]
 if not TRAIN_DATASETS:
     raise ValueError("config datasets: at least one dataset with catalog role 'train' is needed")
+VALIDATION = config["validation"]
+_unknown = sorted(set(VALIDATION["datasets"]) - set(DATASETS))
+if _unknown:
+    raise ValueError(f"validation datasets {_unknown} are not among the config's datasets {sorted(DATASETS)}")
+VALIDATION_DATASETS = list(VALIDATION["datasets"]) if VALIDATION["every"] > 0 else []
 SAMPLE_SHEET = "external_samples"
 GPU = 1 if config["device"] == "cuda" else 0
 SPACING = " ".join(str(v) for v in config["spacing"])
@@ -82,6 +87,18 @@ def external_prediction_outputs():
     if config["external"]["samples"]:
         outputs += prediction_dirs(SAMPLE_SHEET)
     return outputs
+
+
+def validation_options():
+    """The training options that switch on validation Dice on the stores of the validation datasets."""
+    if not VALIDATION_DATASETS:
+        return {}
+    return {
+        "val_stores": [f"results/store/{d}.zarr" for d in VALIDATION_DATASETS],
+        "val_every": VALIDATION["every"],
+        "val_cases": VALIDATION["cases"],
+        "val_overlap": VALIDATION["overlap"],
+    }
 
 
 def embed_arguments():

@@ -6,6 +6,7 @@ rule train:
     input:
         stores=expand("results/store/{dataset}.zarr", dataset=TRAIN_DATASETS),
         embeddings="results/embeddings/prompts.pt",
+        val_stores=expand("results/store/{dataset}.zarr", dataset=VALIDATION_DATASETS),
     output:
         checkpoint="results/model/final.pt",
         log_csv="results/model/train_log.csv",
@@ -14,7 +15,7 @@ rule train:
     params:
         tables=TABLE_ARGS,
         weights=" ".join(str(DATASETS[d].get("weight", 1.0)) for d in TRAIN_DATASETS),
-        options=json.dumps({**config["train"], "device": config["device"]}),
+        options=json.dumps({**config["train"], "device": config["device"], **validation_options()}),
         out_dir=lambda wildcards, output: Path(output.checkpoint).parent,
     conda:
         "../envs/universal.yaml"

@@ -1,0 +1,199 @@
+"""The paper's claim in miniature: one universal model against one model per dataset, on the demo phantoms.
+
+Run: .venv/bin/python benchmarks/bench_universal_vs_dataset.py --work /tmp/universal_vs_dataset
+(prints Markdown tables for BENCHMARKS.md and writes ``summary.json`` in ``--work``; ~1 h on 2 cores with the
+defaults, of which ~half is the universal model's training).
+
+What runs, with the library functions the workflow's rules call:
+
+1. the demo datasets (``universal.demo_data``: partially labelled phantoms in the layouts of MSD Task03 Liver,
+   BTCV cases >= 61 and KiTS19, plus fully labelled external phantoms), harmonized and resampled into zarr stores
+   at ``--spacing`` mm, and the class prompts embedded with open_clip's ViT-B-32 text tower (``pretrained:
+   none``, as in the demo: nothing is downloaded);
+2. the universal model trained on all training stores for ``--steps`` steps, with the demo config's training
+   settings (``config/config.yaml``: backbone, features, patch size, batch size, learning rate, ...);
+3. one model per training dataset, same architecture and settings, each trained on its own store for
+   ``--steps / N`` steps (N datasets): the same total compute, in steps of the same batch of patches;
+4. every model predicts the external phantoms (``universal.infer.infer_cases``) and is scored by
+   ``universal.evaluate.evaluate_predictions`` (Dice per case and class on the source grid); a model predicts
+   only the classes its training data annotate;
+5. the time to run on one case: ``infer_cases`` on the first external case (model load, NIfTI read, resampling,
+   sliding window, post-processing, OME-Zarr write), best of ``--repeats``, for the universal model and summed
+   over the dataset-specific models.
+
+Stages whose outputs exist in ``--work`` are reused (delete the folder for a fresh run); training times come from
+``summary.json`` then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+
+from universal.catalog import find_cases, load_catalog
+from universal.classes import load_class_table
+from universal.demo_data import DEMO_DATASETS, write_demo_data
+from universal.embed import EncoderSpec, embed_prompts, save_embeddings
+from universal.evaluate import evaluate_predictions
+from universal.harmonize import harmonize_dataset
+from universal.infer import InferenceSettings, infer_cases
+from universal.train import train, train_config_from_options
+
+REPO = Path(__file__).resolve().parent.parent
+UNIVERSAL = "universal"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", type=Path, required=True, help="working folder (stages found there are reused)")
+    parser.add_argument("--cases", type=int, default=10, help="phantoms per training dataset")
+    parser.add_argument("--external-cases", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=1200, help="training steps of the universal model")
+    parser.add_argument("--spacing", type=float, default=4.0, help="store and model grid (mm, isotropic)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of the one-case inference")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def prepare_data(work: Path, args: argparse.Namespace, classes, catalog) -> dict[str, list]:
+    """Demo datasets -> harmonized stores; returns dataset key -> its cases."""
+    if not (work / "data" / "README.txt").exists():
+        write_demo_data(work / "data", cases_per_dataset=args.cases, external_cases=args.external_cases,
+                        seed=args.seed)
+    cases = {}
+    for key in DEMO_DATASETS:
+        cases[key] = find_cases(catalog[key], work / "data" / key)
+        store = work / "store" / f"{key}.zarr"
+        if not store.exists():
+            harmonize_dataset(cases[key], catalog[key], classes, store, (args.spacing,) * 3,
+                              work / "store" / f"{key}.report.tsv")
+    embeddings = work / "prompts.pt"
+    if not embeddings.exists():
+        save_embeddings(embed_prompts(classes, EncoderSpec(model="ViT-B-32", pretrained="none")), embeddings)
+    return cases
+
+
+def train_model(work: Path, name: str, stores: list[Path], steps: int, options: dict, timings: dict) -> Path:
+    """Train one model into ``work/models/<name>`` (or reuse it) and record its wall time in ``timings``."""
+    out_dir = work / "models" / name
+    final = out_dir / "final.pt"
+    if not final.exists():
+        config = train_config_from_options({**options, "steps": steps}, stores=stores, weights=None,
+                                           embeddings=work / "prompts.pt", classes=None, include_classes=[],
+                                           out_dir=out_dir)
+        began = time.perf_counter()
+        train(config)
+        timings[name] = time.perf_counter() - began
+    return final
+
+
+def settings_from_config(config: dict, spacing: float) -> InferenceSettings:
+    infer = config["infer"]
+    return InferenceSettings(spacing=(spacing,) * 3, roi=tuple(infer["roi"]), overlap=infer["overlap"],
+                             sw_batch_size=infer["sw_batch_size"], threshold=infer["threshold"], device="cpu")
+
+
+def evaluate_model(work: Path, name: str, checkpoint: Path, cases: list, entry, classes,
+                   settings: InferenceSettings) -> pd.DataFrame:
+    """Predict and score the external cases with one model; rows (case_id, class, dice, predicted, ...)."""
+    predictions = work / "predictions" / name
+    if not all((predictions / f"{case.case_id}.ome.zarr").exists() for case in cases):
+        infer_cases(cases, checkpoint, classes, predictions, settings)
+    metrics = work / "metrics" / name
+    paths = evaluate_predictions(cases, entry, classes, predictions, metrics)
+    table = pd.concat([pd.read_csv(path, sep="\t") for path in paths], ignore_index=True)
+    return table.assign(model=name)
+
+
+def one_case_seconds(work: Path, checkpoint: Path, case, classes, settings: InferenceSettings, repeats: int) -> float:
+    """Best-of-``repeats`` wall time of ``infer_cases`` on one case, model loading included."""
+    times = []
+    for repeat in range(repeats):
+        began = time.perf_counter()
+        infer_cases([case], checkpoint, classes, work / "timing" / f"{checkpoint.parent.name}_{repeat}", settings)
+        times.append(time.perf_counter() - began)
+    return min(times)
+
+
+def main() -> None:
+    args = parse_args()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    classes = load_class_table()
+    catalog = load_catalog(None, classes)
+    cases = prepare_data(work, args, classes, catalog)
+    train_keys = [key for key in DEMO_DATASETS if catalog[key].role == "train"]
+    external = next(key for key in DEMO_DATASETS if catalog[key].role == "external")
+    options = {**config["train"], "device": "cpu", "checkpoint_every": args.steps}
+    summary_path = work / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"train_seconds": {}}
+    timings = summary["train_seconds"]
+
+    stores = {key: work / "store" / f"{key}.zarr" for key in train_keys}
+    checkpoints = {UNIVERSAL: train_model(work, UNIVERSAL, list(stores.values()), args.steps, options, timings)}
+    for key in train_keys:
+        checkpoints[key] = train_model(work, key, [stores[key]], args.steps // len(train_keys), options, timings)
+    summary_path.write_text(json.dumps(summary, indent=1))
+
+    settings = settings_from_config(config, args.spacing)
+    tables = [evaluate_model(work, name, path, cases[external], catalog[external], classes, settings)
+              for name, path in checkpoints.items()]
+    scores = pd.concat(tables, ignore_index=True)
+    scores = scores[scores["predicted"]]
+    scores.to_csv(work / "dice_per_case.tsv", sep="\t", index=False)
+
+    seconds = {name: one_case_seconds(work, path, cases[external][0], classes, settings, args.repeats)
+               for name, path in checkpoints.items()}
+    summary.update(report(scores, seconds, timings, classes, args, train_keys))
+    summary_path.write_text(json.dumps(summary, indent=1))
+
+
+def report(scores: pd.DataFrame, seconds: dict[str, float], timings: dict[str, float], classes, args,
+           train_keys: list[str]) -> dict:
+    """Print the Markdown tables and return the figures for ``summary.json``."""
+    mean = scores.groupby(["model", "class"])["dice"].mean().unstack("model")
+    universal = mean[UNIVERSAL].dropna()
+    rows, specific_best = [], {}
+    for name in universal.index:
+        others = {key: mean.at[name, key] for key in train_keys if pd.notna(mean.at[name, key])}
+        best = max(others.values()) if others else float("nan")
+        specific_best[name] = best
+        kind = "tumour" if classes[name].is_tumour else "organ"
+        cells = " | ".join(f"{others[k]:.3f}" if k in others else "–" for k in train_keys)
+        verdict = "yes" if universal[name] >= best else "no"
+        rows.append(f"| {name} | {kind} | {universal[name]:.3f} | {cells} | {verdict} |")
+    print(f"\n{len(scores['case_id'].unique())} external phantoms, {args.spacing} mm; mean Dice per class:\n")
+    print(f"| class | kind | universal | {' | '.join(train_keys)} | universal >= best specific |")
+    print("|---|---|---|" + "---|" * len(train_keys) + "---|")
+    print("\n".join(rows))
+    organs = [n for n in universal.index if not classes[n].is_tumour]
+    tumours = [n for n in universal.index if classes[n].is_tumour]
+    figures = {
+        "universal_mean_dice_organs": float(universal[organs].mean()),
+        "universal_mean_dice_tumours": float(universal[tumours].mean()),
+        "classes_universal_at_least_best_specific": int(sum(universal[n] >= specific_best[n] for n in universal.index)),
+        "classes": len(universal),
+        "one_case_seconds": seconds,
+        "one_case_speedup": sum(seconds[k] for k in train_keys) / seconds[UNIVERSAL],
+    }
+    print(f"\nmean Dice, universal: organs {figures['universal_mean_dice_organs']:.3f} ({len(organs)} classes), "
+          f"tumours {figures['universal_mean_dice_tumours']:.3f} ({len(tumours)} classes)")
+    print("\n| model | training steps | training s | one case s |\n|---|---|---|---|")
+    for name in [UNIVERSAL, *train_keys]:
+        steps = args.steps if name == UNIVERSAL else args.steps // len(train_keys)
+        print(f"| {name} | {steps} | {timings.get(name, float('nan')):.0f} | {seconds[name]:.2f} |")
+    print(f"\none case: universal {seconds[UNIVERSAL]:.2f} s, all dataset-specific models together "
+          f"{sum(seconds[k] for k in train_keys):.2f} s: {figures['one_case_speedup']:.1f}x")
+    return figures
+
+
+if __name__ == "__main__":
+    main()

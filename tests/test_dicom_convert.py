@@ -1,0 +1,122 @@
+"""Tests of universal.dicom_convert: DICOM series (IDC downloads) to NIfTI, checked against SimpleITK."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from universal.catalog import load_catalog
+from universal.classes import load_class_table
+from universal.dicom_convert import REPORT_NAME, ConversionError, convert_series
+from universal.download import convert_idc_download
+from universal.mirrors import write_dicom_series
+from universal.volume import Volume, load_nifti
+
+TEMPLATE = "img/{PatientID}.nii.gz"
+
+
+def _volume(seed: int) -> Volume:
+    """A small axis-aligned RAS CT volume (x, y, z) = (9, 7, 5) of int16 HU at 0.8 x 0.8 x 2.5 mm."""
+    rng = np.random.default_rng(seed)
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    affine[:3, 3] = [-100.0, 40.0, -300.0 + seed]
+    return Volume(rng.integers(-1000, 1500, (9, 7, 5)).astype(np.int16), affine)
+
+
+def _idc_series(root: Path, patient: str, volume: Volume, modality: str = "CT", tag: str = "") -> Path:
+    """A series in idc-index's default folder template: <collection>/<PatientID>/<study>/<Modality>_<series>."""
+    folder = root / "pancreas_ct" / (patient or "unknown") / f"study{tag}" / f"{modality}_series{tag}"
+    write_dicom_series(volume, folder, "{:03d}.dcm", hu=True, patient_id=patient, modality=modality)
+    return folder
+
+
+def _report(out: Path) -> list[dict]:
+    with (out / REPORT_NAME).open() as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+@pytest.mark.parametrize("folder", ["totalsegmentator/example_ct_dicom", "dcmqi/ct-3slice"])
+def test_real_series_match_simpleitk(shared_data: Path, tmp_path: Path, folder: str) -> None:
+    # example_ct_dicom is JPEG 2000 with empty UIDs and PatientID, ct-3slice uncompressed GE CT.
+    source = shared_data / folder
+    results = convert_series(source, tmp_path, "{Modality}.nii.gz")
+    assert [(r.status, r.output) for r in results] == [("written", tmp_path / "CT.nii.gz")]
+    ours = sitk.ReadImage(str(tmp_path / "CT.nii.gz"))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(source)))
+    reference = reader.Execute()
+    assert ours.GetSize() == reference.GetSize()
+    np.testing.assert_allclose(ours.GetOrigin(), reference.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(ours.GetSpacing(), reference.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(ours.GetDirection(), reference.GetDirection(), atol=1e-6)
+    assert np.array_equal(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(reference))
+    assert sitk.GetArrayFromImage(ours).dtype == np.int16
+
+
+def test_idc_download_becomes_the_catalog_layout(tmp_path: Path) -> None:
+    classes = load_class_table()
+    entry = load_catalog(None, classes)["tcia_pancreas_ct"]
+    root = tmp_path / "tcia_pancreas_ct"
+    volumes = {"PANCREAS_0001": _volume(1), "PANCREAS_0002": _volume(2)}
+    for number, (patient, volume) in enumerate(volumes.items()):
+        _idc_series(root / "dicom", patient, volume, tag=str(number))
+    _idc_series(root / "dicom", "PANCREAS_0001", _volume(3), modality="SEG", tag="seg")  # not converted
+
+    results = convert_idc_download(entry, root)
+
+    assert sorted(r.status for r in results) == ["written", "written"]
+    for patient, volume in volumes.items():
+        case = patient.split("_")[1]
+        path = root / entry.layout["image"].format(case=case)
+        assert path == root / entry.source["convert"]["image"].format(PatientID=patient)
+        converted = load_nifti(path)
+        assert np.array_equal(converted.array, volume.array)
+        np.testing.assert_allclose(converted.affine, volume.affine, atol=1e-4)
+    assert [row["status"] for row in _report(root)] == ["written", "written"]
+    assert {r.status for r in convert_idc_download(entry, root)} == {"exists"}  # a rerun keeps what exists
+
+
+def test_failed_series_are_reported_and_the_others_converted(tmp_path: Path) -> None:
+    dicom, out = tmp_path / "dicom", tmp_path / "out"
+    _idc_series(dicom, "PANCREAS_0001", _volume(1), tag="a")
+    _idc_series(dicom, "PANCREAS_0002", _volume(2), tag="b")
+    _idc_series(dicom, "PANCREAS_0002", _volume(3), tag="c")  # a second CT series of one patient
+    _idc_series(dicom, "", _volume(4), tag="d")  # no PatientID
+    broken = _idc_series(dicom, "PANCREAS_0005", _volume(5), tag="e")
+    first = sorted(broken.iterdir())[0]
+    ds = pydicom.dcmread(first)
+    ds.PixelData = ds.PixelData[:10]  # truncated pixel data
+    ds.save_as(first)
+    mixed = _idc_series(dicom, "PANCREAS_0006", _volume(6), tag="f")
+    write_dicom_series(_volume(7), mixed, "other_{:03d}.dcm", hu=True, patient_id="PANCREAS_0006")
+
+    results = {r.folder.parent.parent.name + r.folder.name[-1]: r for r in convert_series(dicom, out, TEMPLATE)}
+
+    assert results["PANCREAS_0001a"].status == "written"
+    assert (out / "img" / "PANCREAS_0001.nii.gz").exists()
+    for key in ("PANCREAS_0002b", "PANCREAS_0002c"):
+        assert results[key].status == "failed" and "2 series map to PANCREAS_0002.nii.gz" in results[key].error
+    assert results["unknownd"].status == "failed" and "no value for ['PatientID']" in results["unknownd"].error
+    assert results["PANCREAS_0005e"].status == "failed" and "cannot decode the pixel data" in results[
+        "PANCREAS_0005e"].error
+    assert results["PANCREAS_0006f"].status == "failed" and "2 series in one folder" in results["PANCREAS_0006f"].error
+    assert sorted(p.name for p in (out / "img").iterdir()) == ["PANCREAS_0001.nii.gz"]  # no partial files left
+    assert len(_report(out)) == 6
+
+
+@pytest.mark.parametrize("template, message", [("img/case.nii.gz", "must name DICOM attributes"),
+                                               ("img/{PatientID}.mha", "must end in .nii.gz")])
+def test_bad_template_is_refused(tmp_path: Path, template: str, message: str) -> None:
+    _idc_series(tmp_path / "dicom", "P1", _volume(1))
+    with pytest.raises(ConversionError, match=message):
+        convert_series(tmp_path / "dicom", tmp_path / "out", template)
+
+
+def test_missing_folder_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConversionError, match="no such folder"):
+        convert_series(tmp_path / "absent", tmp_path / "out", TEMPLATE)
