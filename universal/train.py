@@ -378,8 +378,8 @@ def validate(model: UniversalModel, config: TrainConfig, classes: ClassTable, de
     """Dice per class of the held-out cases (at most ``val_cases`` per store of ``val_stores``) by
     sliding-window inference, over the classes a case annotates and training sees (``trained``: the heads of
     the other classes get no gradient, their Dice would say nothing); rows (step, dataset, case_id, class, dice).
-    The model is put in eval mode and back
-    (a frozen backbone stays in eval); the RNG states are restored afterwards, so training is unaffected."""
+    The model is put in eval mode and back (a frozen backbone stays in eval); the RNG states are restored
+    afterwards, so training is unaffected."""
     from monai.inferers import sliding_window_inference
 
     saved_rng = rng_state()
