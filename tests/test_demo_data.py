@@ -42,9 +42,10 @@ def raw_values(cases) -> set[int]:
 
 def test_every_demo_dataset_is_found_by_its_catalog_layout(demo):
     out, roots = demo
-    assert set(roots) == {"demo_msd_liver", "demo_btcv", "demo_kits", "demo_external"}
+    assert set(roots) == {"demo_msd_liver", "demo_msd_spleen", "demo_btcv", "demo_kits", "demo_external"}
     expected_ids = {
         "demo_msd_liver": ["liver_0", "liver_1"],
+        "demo_msd_spleen": ["spleen_2", "spleen_3"],
         "demo_btcv": ["0061", "0062"],
         "demo_kits": ["00000", "00001"],
         "demo_external": ["ext_000"],
@@ -71,6 +72,7 @@ def test_raw_label_values_follow_each_dataset_convention(demo):
     _, roots = demo
     assert raw_values(find_cases(CATALOG["demo_msd_liver"], roots["demo_msd_liver"])) == {0, 1, 2}
     assert raw_values(find_cases(CATALOG["demo_kits"], roots["demo_kits"])) == {0, 1, 2}
+    assert raw_values(find_cases(CATALOG["demo_msd_spleen"], roots["demo_msd_spleen"])) == {0, 1}
     btcv = raw_values(find_cases(CATALOG["demo_btcv"], roots["demo_btcv"]))
     assert {0, 1, 3, 6, 11} <= btcv <= {0, 1, 3, 4, 5, 6, 7, 11, 14}
     external = raw_values(find_cases(CATALOG["demo_external"], roots["demo_external"]))
@@ -98,6 +100,16 @@ def test_msd_labels_liver_and_tumour_only(demo):
     assert np.array_equal(label == 2, phantom.label == CLASSES["Liver Tumor"].index)
     assert np.array_equal(label == 1, np.isin(phantom.label, [CLASSES["Liver"].index,
                                                               CLASSES["Hepatic Vessel Tumor"].index]))
+
+
+def test_msd_spleen_labels_the_spleen_only_on_5mm_slices(demo):
+    _, roots = demo
+    case = find_cases(CATALOG["demo_msd_spleen"], roots["demo_msd_spleen"])[0]
+    label = load_nifti(case.label)
+    assert label.spacing == pytest.approx((4.0, 4.0, 5.0))
+    assert np.array_equal(label.array == 1, phantom_of("demo_msd_spleen", 0).label == CLASSES["Spleen"].index)
+    meta = json.loads((roots["demo_msd_spleen"] / "Task09_Spleen" / "dataset.json").read_text())
+    assert meta["labels"] == {"0": "background", "1": "spleen"}
 
 
 def test_msd_dataset_json_lists_every_case(demo):
@@ -161,14 +173,14 @@ def test_no_two_cases_are_identical(demo):
             image = load_nifti(case.image).array
             digests.add(image[::4, ::4, ::4].tobytes())
             count += 1
-    assert len(digests) == count == 3 * CASES + EXTERNAL_CASES
+    assert len(digests) == count == 4 * CASES + EXTERNAL_CASES
 
 
 def test_datasets_use_different_voxel_grids():
     spacings = {spec.spacing for spec in DEMO_DATASETS.values()}
     assert len(spacings) == len(DEMO_DATASETS)
     for spec in DEMO_DATASETS.values():
-        assert all(2.0 <= s <= 4.0 for s in spec.spacing) and all(64 <= n <= 96 for n in spec.shape)
+        assert all(2.0 <= s <= 5.0 for s in spec.spacing) and all(64 <= n <= 96 for n in spec.shape)
 
 
 def test_readme_names_the_seed_and_licence(demo):

@@ -98,6 +98,19 @@ def test_sampler_continues_the_stream() -> None:
     assert take(PatchSampler(2, rank=1, world_size=2), 4) == [2, 3, 6, 7]
 
 
+def test_dataset_weights_set_the_sampling_frequency(stores, classes) -> None:
+    dataset = PatchDataset(stores, classes, PatchConfig(patch_size=(32, 32, 32), **NO_AUGMENTATION), [3.0, 1.0])
+    table = dataset.sampling_table()
+    assert [(r["dataset"], r["case_id"], r["case_probability"]) for r in table] == [
+        ("kidney", "kidney_0", 0.375), ("kidney", "kidney_1", 0.375),
+        ("abdomen", "abdomen_0", 0.125), ("abdomen", "abdomen_1", 0.125)]
+    assert table[0]["annotated"] == "Right Kidney,Left Kidney,Kidney Tumor"
+    drawn = [dataset[i]["case_id"] for i in range(400)]
+    frequency = {r["case_id"]: drawn.count(r["case_id"]) / len(drawn) for r in table}
+    for row in table:  # binomial standard deviation at n = 400 is <= 0.025
+        assert abs(frequency[row["case_id"]] - row["case_probability"]) < 0.075
+
+
 def test_positive_crops_contain_annotated_foreground(stores, classes) -> None:
     dataset = _dataset(stores[1:], classes, pos=1.0, neg=0.0, **NO_AUGMENTATION)
     for i in range(6):

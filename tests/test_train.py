@@ -99,6 +99,14 @@ def test_resumed_run_repeats_the_uninterrupted_losses(inputs: dict, tmp_path: Pa
     assert _losses(broken) == _losses(whole)
 
 
+def test_training_manifest_lists_every_case_with_its_probability(inputs: dict, tmp_path: Path) -> None:
+    train(_config(inputs, tmp_path, steps=1, weights=[1.0, 3.0]))
+    with (tmp_path / "training_manifest.tsv").open() as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert [(r["dataset"], r["case_id"], float(r["case_probability"])) for r in rows] == [
+        ("kidney", "kidney_0", 0.25), ("liver", "liver_0", 0.75)]
+
+
 def test_validation_dice_is_logged(inputs: dict, tmp_path: Path) -> None:
     liver = inputs["stores"][1]
     train(_config(inputs, tmp_path, steps=4, val_stores=[Path(liver)], val_every=2))

@@ -4,6 +4,7 @@ Each demo dataset of the catalog (``config/datasets.yaml``) gets its own folder,
 numbering, so that every adapter of the workflow runs on them as it would on the real data:
 
 - ``demo_msd_liver``: MSD Task03 Liver (``dataset.json``, ``imagesTr``, ``labelsTr``; 1 liver, 2 tumour);
+- ``demo_msd_spleen``: MSD Task09 Spleen (1 spleen), 5 mm slices as in the real task;
 - ``demo_btcv``: BTCV ``RawData/Training/{img,label}`` from case 0061 on (only the 8 organs BTCV annotates
   for cases >= 60, in BTCV numbering; tumours count as the organ they grow in);
 - ``demo_kits``: KiTS19 ``case_XXXXX/{imaging,segmentation}.nii.gz`` (1 kidney, 2 tumour), stored in KiTS19's
@@ -34,7 +35,7 @@ from universal.phantom import Phantom, make_phantom
 from universal.volume import Volume, save_nifti
 
 MAX_CASES = 100
-MSD_LABEL_NAMES = {"Liver": "liver", "Liver Tumor": "cancer"}  # the names MSD Task03 uses
+MSD_LABEL_NAMES = {"Liver": "liver", "Liver Tumor": "cancer", "Spleen": "spleen"}  # the names MSD uses
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class DemoDataset:
 
 DEMO_DATASETS = {
     "demo_msd_liver": DemoDataset((96, 80, 96), (4.0, 4.0, 4.0), 0, 0, "liver_{:d}"),
+    "demo_msd_spleen": DemoDataset((96, 80, 78), (4.0, 4.0, 5.0), 400, 2, "spleen_{:d}"),
     "demo_btcv": DemoDataset((96, 80, 96), (3.8, 3.8, 4.0), 100, 61, "{:04d}"),
     "demo_kits": DemoDataset((92, 80, 96), (4.0, 4.0, 3.8), 200, 0, "{:05d}", kits_axes=True),
     "demo_external": DemoDataset((96, 80, 96), (3.9, 3.9, 4.0), 300, 0, "ext_{:03d}"),
@@ -136,7 +138,7 @@ def to_kits_axes(volume: Volume) -> Volume:
 
 def write_demo_data(out_dir: str | Path, cases_per_dataset: int = 6, external_cases: int = 4,
                     seed: int = 0) -> dict[str, Path]:
-    """Write the four demo datasets under ``out_dir`` and return dataset key -> dataset root folder.
+    """Write the demo datasets under ``out_dir`` and return dataset key -> dataset root folder.
 
     Training datasets get ``cases_per_dataset`` cases each, the external one ``external_cases``. A dataset
     folder is written under ``<key>.partial`` and replaces any previous one when complete.

@@ -77,6 +77,7 @@ BTCV_DROPPED_BY_TCIA = {2: "Right Kidney", 8: "Aorta", 9: "Postcava", 10: "Porta
 
 MIRRORS: dict[str, MirrorSpec] = {
     "demo_msd_liver": MirrorSpec(numbers=(0,), case_format="liver_{:d}"),
+    "demo_msd_spleen": MirrorSpec(numbers=(2,), case_format="spleen_{:d}"),
     "demo_btcv": MirrorSpec(numbers=(61,)),
     "demo_kits": MirrorSpec(numbers=(0,), case_format="{:05d}", axes="kits"),
     "demo_external": MirrorSpec(numbers=(0,), case_format="ext_{:03d}"),

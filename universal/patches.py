@@ -215,6 +215,19 @@ class PatchDataset(Dataset):
         self.transforms = _augmentations(config)
         self._reset_cache()
 
+    def sampling_table(self) -> list[dict]:
+        """The training manifest: one row per case with its dataset (store name), store, the store's normalised
+        weight, the probability that a patch is drawn from the case (weight / cases of its store) and the
+        classes the case annotates."""
+        rows = []
+        for store, ids, weight in zip(self.stores, self.case_ids, self.weights, strict=True):
+            for case_id in ids:
+                annotated = open_case(store, case_id).annotated
+                rows.append({"dataset": store.name.removesuffix(".zarr"), "store": str(store), "case_id": case_id,
+                             "store_weight": float(weight), "case_probability": float(weight) / len(ids),
+                             "annotated": ",".join(annotated)})
+        return rows
+
     def _reset_cache(self) -> None:
         self._pid = os.getpid()
         self._cases: dict[tuple[int, str], tuple[StoredCase, CaseIndex]] = {}

@@ -5,10 +5,11 @@ loss (:mod:`universal.losses`) on multi-hot targets derived at load time (:mod:`
 the zarr stores (:mod:`universal.patches`).
 
 Outputs in ``out_dir``: ``checkpoints/step_<n>.pt`` (model, optimizer, RNG and sampler state; the newest is resumed
-automatically), ``final.pt`` (model and metadata only), ``train_log.csv`` (step, loss, bce, dice, lr, seconds,
-grad_norm), ``val_log.csv`` (step, dataset, case_id, class, dice; when ``val_every`` > 0) and
-``tensorboard/``. A resumed run continues exactly: patches are a function of (seed, sample index)
-and the learning rate a function of the step, so on CPU it repeats the losses of an uninterrupted run.
+automatically), ``final.pt`` (model and metadata only), ``training_manifest.tsv`` (every training case with its
+dataset, the dataset's sampling weight and the probability that a patch comes from the case), ``train_log.csv``
+(step, loss, bce, dice, lr, seconds, grad_norm), ``val_log.csv`` (step, dataset, case_id, class, dice; when
+``val_every`` > 0) and ``tensorboard/``. A resumed run continues exactly: patches are a function of (seed, sample
+index) and the learning rate a function of the step, so on CPU it repeats the losses of an uninterrupted run.
 
 Several processes (``torchrun --nproc_per_node=N -m universal.cli train ...``, which sets RANK, WORLD_SIZE and
 LOCAL_RANK) train one model with DistributedDataParallel: NCCL on CUDA (each process on GPU ``LOCAL_RANK``), gloo
@@ -74,6 +75,7 @@ from universal.targets import multi_hot_targets
 
 CSV_COLUMNS = ("step", "loss", "bce", "dice", "lr", "seconds", "grad_norm")
 VAL_COLUMNS = ("step", "dataset", "case_id", "class", "dice")
+MANIFEST_NAME = "training_manifest.tsv"
 AMP_MODES = ("auto", "bf16", "off")
 TRAINABLE = ("all", "heads")
 
@@ -418,6 +420,16 @@ def validate(model: UniversalModel, config: TrainConfig, classes: ClassTable, de
     return rows
 
 
+def _write_manifest(path: Path, rows: list[dict]) -> None:
+    """Write the training manifest (:meth:`PatchDataset.sampling_table`) as TSV, atomically."""
+    tmp = path.with_name(path.name + ".partial")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
 def _write_val_rows(path: Path, rows: list[dict], step: int) -> None:
     """Append validation rows to ``val_log.csv`` and print the mean Dice (over non-NaN values) to stderr."""
     new = not path.exists()
@@ -566,6 +578,8 @@ def _train(config: TrainConfig, env: DistributedEnv, device: torch.device) -> Pa
         # needs no unused-parameter search; frozen backbone parameters are not registered with it at all.
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     dataset = PatchDataset(config.stores, classes, config.patches, config.weights, config.seed)
+    if main:
+        _write_manifest(out_dir / MANIFEST_NAME, dataset.sampling_table())
     batches = iter(patch_loader(dataset, config.batch_size, start, config.num_workers, rank, world_size))
     log = TrainLog(out_dir, start, config.steps, config.log_every) if main else None
     val_log = out_dir / "val_log.csv"

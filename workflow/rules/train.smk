@@ -10,6 +10,7 @@ rule train:
     output:
         checkpoint="results/model/final.pt",
         log_csv="results/model/train_log.csv",
+        manifest="results/model/training_manifest.tsv",
     log:
         "logs/train.log",
     params:
