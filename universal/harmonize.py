@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,38 +109,57 @@ def harmonize_case(case: Case, entry: DatasetEntry, classes: ClassTable,
                    target_spacing: tuple[float, float, float] | None) -> HarmonizedCase:
     """Load, check, harmonize and (if ``target_spacing`` is given) resample one case.
 
-    Raises :class:`HarmonizeError` naming the case for unreadable files, image/label grid mismatches and
-    label values outside the dataset's map.
+    The image and the label go through two threads (file inflation, the label lookup and resampling release
+    the GIL): the label is read while the image is read and its midline found, and the image is resampled while
+    the label is mapped and resampled. Raises :class:`HarmonizeError` naming the case for unreadable files,
+    image/label grid mismatches and label values outside the dataset's map.
     """
     name = f"{entry.key}/{case.case_id}"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        label_job = pool.submit(_read_label, case, entry, name)
+        image = _read_image_hu(case, entry, name)
+        midline = body_midline_x_mm(image)
+        label_raw = label_job.result()
+        if label_raw is not None and not same_grid(image, label_raw):
+            raise HarmonizeError(f"{name}: image {case.image} (shape {image.shape}) and label {case.label} "
+                                 f"(shape {label_raw.shape}) do not share a grid (shape and affine)")
+        attrs = {"dataset": entry.key, "source_image": str(case.image),
+                 "source_label": None if case.label is None else str(case.label),
+                 "original_shape": list(image.shape), "original_affine": image.affine.tolist(),
+                 "original_spacing": list(image.spacing), "annotated": list(annotated_classes(case, entry)),
+                 "midline_x_mm": midline, "class_table_digest": classes.digest()}
+        image_job = None if target_spacing is None else pool.submit(resample, image, target_spacing, order=1)
+        label = None
+        if label_raw is not None:
+            label = Volume(harmonize_labels(label_raw, entry, classes, midline, name), label_raw.affine)
+            if target_spacing is not None:
+                label = resample(label, target_spacing, order=0)
+        if image_job is not None:
+            image = image_job.result()
+    return HarmonizedCase(image, label, attrs)
+
+
+def _read_image_hu(case: Case, entry: DatasetEntry, name: str) -> Volume:
+    """The case's image in RAS+ as int16 HU."""
     try:
         image = read_image(case, entry)
+    except VolumeError as err:
+        raise HarmonizeError(f"{name}: {err}") from err
+    return Volume(_to_int16_hu(image.array, case.image), image.affine)
+
+
+def _read_label(case: Case, entry: DatasetEntry, name: str) -> Volume | None:
+    """The case's raw label map in RAS+ with integer values (integral floats are converted), or None."""
+    try:
         label_raw = read_raw_label(case, entry)
     except VolumeError as err:
         raise HarmonizeError(f"{name}: {err}") from err
-    image = Volume(_to_int16_hu(image.array, case.image), image.affine)
-    if label_raw is not None:
-        if not same_grid(image, label_raw):
-            raise HarmonizeError(f"{name}: image {case.image} (shape {image.shape}) and label {case.label} "
-                                 f"(shape {label_raw.shape}) do not share a grid (shape and affine)")
-        if not np.issubdtype(label_raw.array.dtype, np.integer):
-            rounded = np.rint(label_raw.array)
-            if not np.array_equal(rounded, label_raw.array):
-                raise HarmonizeError(f"{name}: label {case.label} holds non-integer values")
-            label_raw = Volume(rounded.astype(np.int32), label_raw.affine)
-    midline = body_midline_x_mm(image)
-    label = None
-    if label_raw is not None:
-        label = Volume(harmonize_labels(label_raw, entry, classes, midline, name), label_raw.affine)
-    attrs = {"dataset": entry.key, "source_image": str(case.image),
-             "source_label": None if case.label is None else str(case.label),
-             "original_shape": list(image.shape), "original_affine": image.affine.tolist(),
-             "original_spacing": list(image.spacing), "annotated": list(annotated_classes(case, entry)),
-             "midline_x_mm": midline, "class_table_digest": classes.digest()}
-    if target_spacing is not None:
-        image = resample(image, target_spacing, order=1)
-        label = None if label is None else resample(label, target_spacing, order=0)
-    return HarmonizedCase(image, label, attrs)
+    if label_raw is not None and not np.issubdtype(label_raw.array.dtype, np.integer):
+        rounded = np.rint(label_raw.array)
+        if not np.array_equal(rounded, label_raw.array):
+            raise HarmonizeError(f"{name}: label {case.label} holds non-integer values")
+        label_raw = Volume(rounded.astype(np.int32), label_raw.affine)
+    return label_raw
 
 
 def _to_int16_hu(array: np.ndarray, path: object) -> np.ndarray:
