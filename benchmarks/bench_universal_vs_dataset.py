@@ -132,7 +132,7 @@ def main() -> None:
     cases = prepare_data(work, args, classes, catalog)
     train_keys = [key for key in DEMO_DATASETS if catalog[key].role == "train"]
     external = next(key for key in DEMO_DATASETS if catalog[key].role == "external")
-    options = {**config["train"], "device": "cpu", "checkpoint_every": args.steps}
+    options = {**config["train"], "device": "cpu", "checkpoint_every": 300}
     summary_path = work / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"train_seconds": {}}
     timings = summary["train_seconds"]

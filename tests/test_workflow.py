@@ -86,7 +86,7 @@ def test_demo_workflow_end_to_end(tmp_path, classes):
     result = _snakemake(workdir, "--cores", "2")
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     results = workdir / "results"
-    for dataset in ("demo_msd_liver", "demo_btcv", "demo_kits"):
+    for dataset in ("demo_msd_liver", "demo_msd_spleen", "demo_btcv", "demo_kits"):
         assert (results / "store" / f"{dataset}.zarr" / "zarr.json").exists()
     assert (results / "model" / "final.pt").exists() and (results / "embeddings" / "prompts.pt").exists()
     log = pd.read_csv(results / "model" / "train_log.csv")

@@ -37,6 +37,7 @@ from universal.store import StoredCase, list_cases, open_case
 from universal.targets import annotated_mask
 
 SPATIAL_KEYS = ("image", "label", "x_mm")
+FOREGROUND_CHOICES = ("class", "voxel")
 
 
 @dataclass
@@ -64,6 +65,7 @@ class PatchConfig:
     zoom_prob: float = 0.0
     zoom_range: tuple[float, float] = (1.3, 1.5)
     foreground_samples: int = 2000
+    foreground_choice: str = "class"
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(n) for n in self.patch_size)
@@ -78,6 +80,8 @@ class PatchConfig:
             raise ValueError(f"pos/neg ratios must be >= 0 and not both 0, got {self.pos}/{self.neg}")
         if len(self.tumour_ratios) != 3 or min(self.tumour_ratios) < 0 or sum(self.tumour_ratios) <= 0:
             raise ValueError(f"tumour_ratios must be three ratios >= 0, got {self.tumour_ratios}")
+        if self.foreground_choice not in FOREGROUND_CHOICES:
+            raise ValueError(f"foreground_choice must be one of {FOREGROUND_CHOICES}, got {self.foreground_choice!r}")
 
     def to_dict(self) -> dict:
         """JSON-able dict (tuples become lists)."""
@@ -141,7 +145,8 @@ def choose_centre(rng: np.random.Generator, index: CaseIndex, config: PatchConfi
 
     Groups and their ratios: (random, any annotated foreground) with (neg, pos), or for tumour-weighted cases
     (random, organs, tumours) with ``tumour_ratios``. Groups without voxels are dropped and the ratios
-    renormalised, as MONAI does.
+    renormalised, as MONAI does. Within a foreground group the class is drawn as ``config.foreground_choice``
+    says, then one of its voxels.
     """
     if index.tumour_weighted:
         groups = [[], index.organ_values, index.tumour_values]
@@ -157,8 +162,11 @@ def choose_centre(rng: np.random.Generator, index: CaseIndex, config: PatchConfi
     if group == 0:
         return rng.integers(0, index.shape)
     values = [v for v in groups[group] if index.counts.get(v, 0) > 0]
-    value_weights = np.array([index.counts[v] for v in values], dtype=np.float64)
-    value = values[int(rng.choice(len(values), p=value_weights / value_weights.sum()))]
+    if config.foreground_choice == "class":
+        value = values[int(rng.integers(len(values)))]
+    else:
+        value_weights = np.array([index.counts[v] for v in values], dtype=np.float64)
+        value = values[int(rng.choice(len(values), p=value_weights / value_weights.sum()))]
     candidates = index.positions[value]
     return np.array(np.unravel_index(int(candidates[int(rng.integers(len(candidates)))]), index.shape))
 
