@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from universal.classes import load_class_table
-from universal.patches import PatchConfig, PatchDataset, PatchSampler, patch_loader, read_patch
+from universal.patches import (
+    CaseIndex,
+    PatchConfig,
+    PatchDataset,
+    PatchSampler,
+    choose_centre,
+    patch_loader,
+    read_patch,
+)
 from universal.store import write_case
 from universal.volume import Volume
 
@@ -111,6 +119,20 @@ def test_dataset_weights_set_the_sampling_frequency(stores, classes) -> None:
         assert abs(frequency[row["case_id"]] - row["case_probability"]) < 0.075
 
 
+@pytest.mark.parametrize("choice, small_share", [("class", 0.5), ("voxel", 0.01)])
+def test_foreground_choice_sets_how_often_a_small_class_is_centred(choice: str, small_share: float) -> None:
+    shape = (100, 100, 10)
+    big, small = np.arange(0, 9900), np.arange(9900, 10000)  # flat indices: 99 % and 1 % of the foreground
+    index = CaseIndex(shape=shape, affine=AFFINE, midline_x_mm=0.0, annotated=["Liver", "Esophagus"],
+                      counts={6: big.size, 5: small.size}, positions={6: big, 5: small}, organ_values=[6, 5],
+                      tumour_values=[])
+    config = PatchConfig(patch_size=(32, 32, 8), pos=1.0, neg=0.0, foreground_choice=choice)
+    rng = np.random.default_rng(0)
+    centres = [np.ravel_multi_index(choose_centre(rng, index, config), shape) for _ in range(2000)]
+    share = np.mean(np.asarray(centres) >= 9900)
+    assert share == pytest.approx(small_share, abs=0.04)
+
+
 def test_positive_crops_contain_annotated_foreground(stores, classes) -> None:
     dataset = _dataset(stores[1:], classes, pos=1.0, neg=0.0, **NO_AUGMENTATION)
     for i in range(6):
@@ -153,4 +175,6 @@ def test_read_patch_pads_outside_the_volume() -> None:
 def test_config_checks() -> None:
     with pytest.raises(ValueError, match="x == y"):
         PatchConfig(patch_size=(32, 16, 32))
+    with pytest.raises(ValueError, match="foreground_choice must be one of"):
+        PatchConfig(foreground_choice="organ")
     assert PatchConfig.from_dict(PatchConfig().to_dict()) == PatchConfig()

@@ -99,6 +99,28 @@ def test_dice_part_equals_monai_dice_loss() -> None:
     assert parts["bce"].item() == pytest.approx(bce[mask].mean().item(), rel=1e-6)
 
 
+def test_empty_targets_get_bce_only() -> None:
+    logits, targets, mask = _random_case(4)
+    targets[0, 2] = False  # an annotated pair whose class is absent from the patch
+    _, parts = masked_bce_dice_loss(logits, targets, mask, smooth=1.0)
+    monai = DiceLoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0, reduction="none")(logits, targets.float())
+    present = mask & targets.flatten(2).any(dim=2)
+    assert present.sum() == mask.sum() - 1
+    assert parts["dice"].item() == pytest.approx(monai.reshape(2, 3)[present].mean().item(), rel=1e-6)
+
+    logits.requires_grad_(True)
+    masked_bce_dice_loss(logits, targets, mask)[0].backward()
+    count = int(mask.sum())  # the empty pair's gradient is that of its BCE term alone: sigmoid(x) / (voxels * pairs)
+    expected = torch.sigmoid(logits[0, 2].detach()) / (logits[0, 2].numel() * count)
+    torch.testing.assert_close(logits.grad[0, 2], expected, rtol=1e-5, atol=1e-9)
+
+
+def test_only_empty_targets_give_a_zero_dice_part() -> None:
+    logits, _, mask = _random_case(5)
+    total, parts = masked_bce_dice_loss(logits, torch.zeros_like(logits, dtype=torch.bool), mask)
+    assert parts["dice"].item() == 0.0 and total.item() == pytest.approx(parts["bce"].item())
+
+
 def test_unannotated_classes_get_exactly_zero_gradient() -> None:
     logits, targets, mask = _random_case(2)
     logits.requires_grad_(True)
