@@ -9,7 +9,8 @@ What runs, with the library functions the workflow's rules call:
 1. the demo datasets (``universal.demo_data``: partially labelled phantoms in the layouts of MSD Task03 Liver,
    BTCV cases >= 61 and KiTS19, plus fully labelled external phantoms), harmonized and resampled into zarr stores
    at ``--spacing`` mm, and the class prompts embedded with open_clip's ViT-B-32 text tower (``pretrained:
-   none``, as in the demo: nothing is downloaded);
+   none``, as in the demo: nothing is downloaded), or, with ``--embeddings-from``, a precomputed table such as
+   the original's CLIP ``txt_encoding.pth``;
 2. the universal model trained on all training stores for ``--steps`` steps, with the demo config's training
    settings (``config/config.yaml``: backbone, features, patch size, batch size, learning rate, ...);
 3. one model per training dataset, same architecture and settings, each trained on its own store for
@@ -39,7 +40,7 @@ import yaml
 from universal.catalog import find_cases, load_catalog
 from universal.classes import load_class_table
 from universal.demo_data import DEMO_DATASETS, write_demo_data
-from universal.embed import EncoderSpec, embed_prompts, save_embeddings
+from universal.embed import EncoderSpec, embed_prompts, import_embeddings, save_embeddings
 from universal.evaluate import evaluate_predictions
 from universal.harmonize import harmonize_dataset
 from universal.infer import InferenceSettings, infer_cases
@@ -58,6 +59,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--spacing", type=float, default=4.0, help="store and model grid (mm, isotropic)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of the one-case inference")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--embeddings-from", type=Path, default=None,
+                        help="import a precomputed table (e.g. the original's txt_encoding.pth) instead of embedding "
+                             "with the random ViT-B-32 text tower")
     return parser.parse_args()
 
 
@@ -75,7 +79,9 @@ def prepare_data(work: Path, args: argparse.Namespace, classes, catalog) -> dict
                               work / "store" / f"{key}.report.tsv")
     embeddings = work / "prompts.pt"
     if not embeddings.exists():
-        save_embeddings(embed_prompts(classes, EncoderSpec(model="ViT-B-32", pretrained="none")), embeddings)
+        record = (import_embeddings(args.embeddings_from, classes) if args.embeddings_from is not None
+                  else embed_prompts(classes, EncoderSpec(model="ViT-B-32", pretrained="none")))
+        save_embeddings(record, embeddings)
     return cases
 
 
