@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from universal.classes import ClassTable
+from universal.tsv import write_tsv
 
 LAYOUT_KINDS = ("msd", "pattern", "per_structure")
 ROLES = ("train", "external")
@@ -269,15 +270,7 @@ def select_batch(cases: list[Case], batch: int, batches: int) -> list[Case]:
 
 def write_manifest(cases: list[Case], path: str | Path) -> None:
     """Write a case manifest (TSV) atomically: a temporary file renamed when complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
-        writer.writerow(MANIFEST_COLUMNS)
-        for c in cases:
-            writer.writerow([c.dataset, c.case_id, str(c.image), "" if c.label is None else str(c.label)])
-    tmp.replace(path)
+    write_tsv(path, MANIFEST_COLUMNS, ([c.dataset, c.case_id, c.image, c.label] for c in cases))
 
 
 def read_manifest(path: str | Path) -> list[Case]:

@@ -13,7 +13,6 @@ template, or whose output name another series also claims is reported, not writt
 
 from __future__ import annotations
 
-import csv
 import logging
 import string
 from collections import defaultdict
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from universal.layouts import LayoutError, read_dicom_series
+from universal.tsv import write_tsv
 from universal.volume import Volume, save_nifti
 
 log = logging.getLogger(__name__)
@@ -137,11 +137,4 @@ def _convert_one(item: SeriesFolder, output: Path) -> ConversionResult:
 
 
 def _write_report(results: list[ConversionResult], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
-        writer.writerow(REPORT_COLUMNS)
-        for r in results:
-            writer.writerow([r.series_uid, r.folder, "" if r.output is None else r.output, r.status, r.error])
-    tmp.replace(path)
+    write_tsv(path, REPORT_COLUMNS, ([r.series_uid, r.folder, r.output, r.status, r.error] for r in results))

@@ -29,6 +29,7 @@ from universal.classes import ClassTable
 from universal.layouts import annotated_classes, read_image, read_raw_label
 from universal.sides import split_by_side
 from universal.store import open_store, write_case
+from universal.tsv import write_tsv
 from universal.volume import Volume, VolumeError, resample, same_grid
 
 BODY_THRESHOLD_HU = -500.0
@@ -199,10 +200,7 @@ def harmonize_dataset(cases: list[Case], entry: DatasetEntry, classes: ClassTabl
         rows.append((case.case_id, "ok", ""))
         print(f"[harmonize] {entry.key} {number}/{len(cases)} {case.case_id}: {result.image.shape}",
               file=sys.stderr, flush=True)
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    with report_path.open("w") as handle:
-        handle.write("case_id\tstatus\terror\n")
-        handle.writelines(f"{case_id}\t{status}\t{error}\n" for case_id, status, error in rows)
+    write_tsv(report_path, ("case_id", "status", "error"), rows)
     failed = [case_id for case_id, status, _ in rows if status == "failed"]
     if len(failed) == len(cases):
         raise HarmonizeError(f"dataset {entry.key!r}: every case failed; see {report_path}")

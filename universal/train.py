@@ -72,6 +72,7 @@ from universal.patches import PatchConfig, PatchDataset, patch_loader
 from universal.settings import known_keys
 from universal.store import list_cases, open_case
 from universal.targets import multi_hot_targets
+from universal.tsv import write_tsv
 
 CSV_COLUMNS = ("step", "loss", "bce", "dice", "lr", "seconds", "grad_norm")
 VAL_COLUMNS = ("step", "dataset", "case_id", "class", "dice")
@@ -420,16 +421,6 @@ def validate(model: UniversalModel, config: TrainConfig, classes: ClassTable, de
     return rows
 
 
-def _write_manifest(path: Path, rows: list[dict]) -> None:
-    """Write the training manifest (:meth:`PatchDataset.sampling_table`) as TSV, atomically."""
-    tmp = path.with_name(path.name + ".partial")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
-
-
 def _write_val_rows(path: Path, rows: list[dict], step: int) -> None:
     """Append validation rows to ``val_log.csv`` and print the mean Dice (over non-NaN values) to stderr."""
     new = not path.exists()
@@ -579,7 +570,8 @@ def _train(config: TrainConfig, env: DistributedEnv, device: torch.device) -> Pa
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     dataset = PatchDataset(config.stores, classes, config.patches, config.weights, config.seed)
     if main:
-        _write_manifest(out_dir / MANIFEST_NAME, dataset.sampling_table())
+        table = dataset.sampling_table()
+        write_tsv(out_dir / MANIFEST_NAME, list(table[0]), (row.values() for row in table))
     batches = iter(patch_loader(dataset, config.batch_size, start, config.num_workers, rank, world_size))
     log = TrainLog(out_dir, start, config.steps, config.log_every) if main else None
     val_log = out_dir / "val_log.csv"
