@@ -59,10 +59,9 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 def cmd_dicom_to_nifti(args: argparse.Namespace) -> None:
-    from universal.dicom_convert import convert_series
+    from universal.dicom_convert import convert_series, status_counts
 
-    results = convert_series(args.input, args.out, args.image, args.modality)
-    counts = {status: sum(r.status == status for r in results) for status in ("written", "exists", "failed")}
+    counts = status_counts(convert_series(args.input, args.out, args.image, args.modality))
     print(f"[dicom-to-nifti] {args.input}: {counts} (report {args.out}/conversion.tsv)", file=sys.stderr)
     if counts["failed"]:
         raise ValueError(f"{counts['failed']} series could not be converted; see {args.out}/conversion.tsv")

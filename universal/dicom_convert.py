@@ -119,9 +119,13 @@ def convert_series(root: str | Path, out_root: str | Path, image_template: str,
         else:
             results.append(_convert_one(items[0], output))
     _write_report(results, out_root / REPORT_NAME)
-    counts = {status: sum(r.status == status for r in results) for status in ("written", "exists", "failed")}
-    log.info("DICOM to NIfTI in %s: %s (report %s)", out_root, counts, out_root / REPORT_NAME)
+    log.info("DICOM to NIfTI in %s: %s (report %s)", out_root, status_counts(results), out_root / REPORT_NAME)
     return results
+
+
+def status_counts(results: list[ConversionResult]) -> dict[str, int]:
+    """How many series were written, already existed and failed."""
+    return {status: sum(r.status == status for r in results) for status in ("written", "exists", "failed")}
 
 
 def _convert_one(item: SeriesFolder, output: Path) -> ConversionResult:

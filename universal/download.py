@@ -527,7 +527,7 @@ def _download_idc(entry: DatasetEntry, root: Path) -> None:
             raise DownloadError(f"dataset {entry.key!r} comes from the NCI Imaging Data Commons collection "
                                 f"{collection!r}; downloading it needs the idc-index package: "
                                 f"pip install idc-index") from err
-    dicom_dir = root / _safe_relative(entry, str(entry.source.get("dicom_dir", "dicom")))
+    dicom_dir = _dicom_dir(entry, root)
     dicom_dir.mkdir(parents=True, exist_ok=True)
     log.info("dataset %r: downloading IDC collection %r into %s", entry.key, collection, dicom_dir)
     IDCClient().download_from_selection(collection_id=collection, downloadDir=str(dicom_dir))
@@ -541,9 +541,9 @@ def convert_idc_download(entry: DatasetEntry, root: Path) -> list:
     from universal.dicom_convert import ConversionError, convert_series
 
     convert = entry.source["convert"]
-    dicom_dir = root / _safe_relative(entry, str(entry.source.get("dicom_dir", "dicom")))
     try:
-        results = convert_series(dicom_dir, root, str(convert["image"]), str(convert.get("modality", "CT")))
+        results = convert_series(_dicom_dir(entry, root), root, str(convert["image"]),
+                                 str(convert.get("modality", "CT")))
     except ConversionError as err:
         raise DownloadError(f"dataset {entry.key!r}: {err}") from err
     failed = [r for r in results if r.status == "failed"]
@@ -553,7 +553,9 @@ def convert_idc_download(entry: DatasetEntry, root: Path) -> list:
     return results
 
 
-def _safe_relative(entry: DatasetEntry, relative: str) -> str:
+def _dicom_dir(entry: DatasetEntry, root: Path) -> Path:
+    """Where an IDC entry's DICOM series go: ``root/<source.dicom_dir>`` (default ``dicom``), inside ``root``."""
+    relative = str(entry.source.get("dicom_dir", "dicom"))
     if _path_problem(relative):
         raise DownloadError(f"dataset {entry.key!r}: {relative!r} must be a relative path inside the dataset folder")
-    return relative
+    return root / relative

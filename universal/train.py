@@ -189,13 +189,13 @@ def train_config_from_options(options: dict, *, stores: list, weights: list[floa
         **{k: v for k, v in options.items() if k in train_keys})
 
 
-def trained_classes(stores: list[str], classes: ClassTable, init: dict | None) -> list[str]:
-    """The classes some training case annotates (plus, when fine-tuning, those the initial model was trained on),
-    in class-table order: the heads of all other classes never received a gradient."""
+def trained_classes(manifest: list[dict], classes: ClassTable, init: dict | None) -> list[str]:
+    """The classes some training case annotates (the ``annotated`` column of the training manifest,
+    :meth:`PatchDataset.sampling_table`; plus, when fine-tuning, those the initial model was trained on), in
+    class-table order: the heads of all other classes never received a gradient."""
     seen: set[str] = set(init.get("trained_classes", [])) if init else set()
-    for store in stores:
-        for case_id in list_cases(store):
-            seen.update(open_case(store, case_id).annotated)
+    for row in manifest:
+        seen.update(name for name in row["annotated"].split(",") if name)
     return [name for name in classes.names if name in seen]
 
 
@@ -569,14 +569,14 @@ def _train(config: TrainConfig, env: DistributedEnv, device: torch.device) -> Pa
         # needs no unused-parameter search; frozen backbone parameters are not registered with it at all.
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     dataset = PatchDataset(config.stores, classes, config.patches, config.weights, config.seed)
+    manifest = dataset.sampling_table() if main else []  # one pass over the cases' attributes, rank 0 only
     if main:
-        table = dataset.sampling_table()
-        write_tsv(out_dir / MANIFEST_NAME, list(table[0]), (row.values() for row in table))
+        write_tsv(out_dir / MANIFEST_NAME, list(manifest[0]), (row.values() for row in manifest))
     batches = iter(patch_loader(dataset, config.batch_size, start, config.num_workers, rank, world_size))
     log = TrainLog(out_dir, start, config.steps, config.log_every) if main else None
     val_log = out_dir / "val_log.csv"
     validating = main and config.val_every > 0 and bool(config.val_stores)
-    trained = trained_classes(config.stores, classes, init) if validating else []
+    trained = trained_classes(manifest, classes, init)
     if validating and val_log.exists():  # drop rows of steps a resumed run redoes
         kept = _read_rows(val_log, start)
         with val_log.open("w", newline="") as f:
@@ -608,7 +608,7 @@ def _train(config: TrainConfig, env: DistributedEnv, device: torch.device) -> Pa
     if main:
         final_extra = {"step": max(start, config.steps), "train_config": config.to_dict(),
                        "class_table_digest": classes.digest(),
-                       "trained_classes": trained_classes(config.stores, classes, init)}
+                       "trained_classes": trained}
         if init is not None:
             final_extra["init"] = init
         save_checkpoint(final, model, config.model, classes.names, final_extra)
