@@ -12,7 +12,8 @@ What runs, with the library functions the workflow's rules call:
    none``, as in the demo: nothing is downloaded), or, with ``--embeddings-from``, a precomputed table such as
    the original's CLIP ``txt_encoding.pth``;
 2. the universal model trained on all training stores for ``--steps`` steps, with the demo config's training
-   settings (``config/config.yaml``: backbone, features, patch size, batch size, learning rate, ...);
+   settings (``config/config.yaml``: backbone, features, patch size, batch size, learning rate, ...) and its
+   dataset sampling weights;
 3. one model per training dataset, same architecture and settings, each trained on its own store for
    ``--steps / N`` steps (N datasets): the same total compute, in steps of the same batch of patches;
 4. every model predicts the external phantoms (``universal.infer.infer_cases``) and is scored by
@@ -85,12 +86,14 @@ def prepare_data(work: Path, args: argparse.Namespace, classes, catalog) -> dict
     return cases
 
 
-def train_model(work: Path, name: str, stores: list[Path], steps: int, options: dict, timings: dict) -> Path:
-    """Train one model into ``work/models/<name>`` (or reuse it) and record its wall time in ``timings``."""
+def train_model(work: Path, name: str, stores: list[Path], weights: list[float], steps: int, options: dict,
+                timings: dict) -> Path:
+    """Train one model into ``work/models/<name>`` (or reuse it) on ``stores`` sampled with ``weights`` and record
+    its wall time in ``timings``."""
     out_dir = work / "models" / name
     final = out_dir / "final.pt"
     if not final.exists():
-        config = train_config_from_options({**options, "steps": steps}, stores=stores, weights=None,
+        config = train_config_from_options({**options, "steps": steps}, stores=stores, weights=weights,
                                            embeddings=work / "prompts.pt", classes=None, include_classes=[],
                                            out_dir=out_dir)
         began = time.perf_counter()
@@ -144,9 +147,12 @@ def main() -> None:
     timings = summary["train_seconds"]
 
     stores = {key: work / "store" / f"{key}.zarr" for key in train_keys}
-    checkpoints = {UNIVERSAL: train_model(work, UNIVERSAL, list(stores.values()), args.steps, options, timings)}
+    weights = [float(config["datasets"][key].get("weight", 1.0)) for key in train_keys]
+    checkpoints = {UNIVERSAL: train_model(work, UNIVERSAL, list(stores.values()), weights, args.steps, options,
+                                          timings)}
     for key in train_keys:
-        checkpoints[key] = train_model(work, key, [stores[key]], args.steps // len(train_keys), options, timings)
+        checkpoints[key] = train_model(work, key, [stores[key]], [1.0], args.steps // len(train_keys), options,
+                                       timings)
     summary_path.write_text(json.dumps(summary, indent=1))
 
     settings = settings_from_config(config, args.spacing)

@@ -75,8 +75,9 @@ def test_train_writes_log_and_checkpoints(inputs: dict, tmp_path: Path) -> None:
 
 def test_resumed_run_repeats_the_uninterrupted_losses(inputs: dict, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # The head generator at its own learning rate: the resumed optimizer keeps both groups' scales.
     whole = tmp_path / "whole"
-    train(_config(inputs, whole))
+    train(_config(inputs, whole, generator_lr_scale=0.5))
 
     broken = tmp_path / "broken"
     real_step = train_module.train_step
@@ -90,13 +91,27 @@ def test_resumed_run_repeats_the_uninterrupted_losses(inputs: dict, tmp_path: Pa
 
     monkeypatch.setattr(train_module, "train_step", crash_on_fifth)
     with pytest.raises(KeyboardInterrupt):
-        train(_config(inputs, broken))
+        train(_config(inputs, broken, generator_lr_scale=0.5))
     monkeypatch.setattr(train_module, "train_step", real_step)
     assert [step for step, _ in _losses(broken)] == [1, 2, 3, 4]
     assert latest_checkpoint(broken).name == "step_00000003.pt"
 
-    train(_config(inputs, broken))  # resumes at step 3, redoes step 4
+    train(_config(inputs, broken, generator_lr_scale=0.5))  # resumes at step 3, redoes step 4
     assert _losses(broken) == _losses(whole)
+
+
+def test_head_generator_trains_at_its_own_learning_rate(inputs: dict, tmp_path: Path) -> None:
+    train(_config(inputs, tmp_path, generator_lr_scale=0.1, steps=4, checkpoint_every=4))
+    record = torch.load(latest_checkpoint(tmp_path), weights_only=True)
+    rest, generator = record["extra"]["optimizer"]["param_groups"]
+    assert rest["lr"] == pytest.approx(lr_at_step(3, _config(inputs, tmp_path, steps=4)))
+    assert generator["lr"] == pytest.approx(0.1 * rest["lr"])
+    model, _ = load_checkpoint(tmp_path / "final.pt")
+    groups = train_module._parameter_groups(model, 0.1)
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    assert [names[id(p)] for p in groups[1]["params"]] == ["text_to_vision.weight", "text_to_vision.bias",
+                                                           "controller.weight", "controller.bias"]
+    assert len(generator["params"]) == 4 and len(rest["params"]) == len(names) - 4
 
 
 def test_training_manifest_lists_every_case_with_its_probability(inputs: dict, tmp_path: Path) -> None:
@@ -138,6 +153,11 @@ def test_validation_keeps_resumed_losses(inputs: dict, tmp_path: Path) -> None:
 def test_bf16_autocast_on_cpu_runs(inputs: dict, tmp_path: Path) -> None:
     train(_config(inputs, tmp_path, steps=2, amp="auto", bf16_on_cpu=True))
     assert all(np.isfinite(float(loss)) for _, loss in _losses(tmp_path))
+
+
+def test_generator_lr_scale_must_be_positive(inputs: dict, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="generator_lr_scale"):
+        _config(inputs, tmp_path, generator_lr_scale=0.0)
 
 
 def test_learning_rate_schedule(inputs: dict, tmp_path: Path) -> None:

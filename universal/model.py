@@ -40,6 +40,8 @@ CHECKPOINT_FORMAT = "universal-checkpoint"
 CHECKPOINT_VERSION = 1
 # The non-backbone modules of UniversalModel, as in the original: what heads-only fine-tuning trains.
 HEAD_MODULES = ("text_to_vision", "GAP", "precls_conv", "controller")
+# The modules that turn a class embedding into its head's parameters.
+HEAD_GENERATOR = ("text_to_vision", "controller")
 
 
 @dataclass

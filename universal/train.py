@@ -59,6 +59,7 @@ from universal.intensity import window
 from universal.losses import DEFAULT_DICE_SMOOTH, masked_bce_dice_loss
 from universal.model import (
     CHECKPOINT_FORMAT,
+    HEAD_GENERATOR,
     HEAD_MODULES,
     ModelConfig,
     UniversalModel,
@@ -89,7 +90,8 @@ class TrainConfig:
     ``embeddings``: class text embeddings file (:mod:`universal.embed`); ``class_table``/``include_classes``: the
     class table (default ``config/classes.yaml``) and disabled rows to switch on. ``steps``: optimizer steps of
     ``batch_size`` patches. ``lr`` peaks after ``warmup_steps`` (linear from lr/warmup_steps), then decays by a
-    cosine to ``min_lr`` at ``steps``. ``amp``: ``"auto"`` (bf16 autocast on CUDA, and on CPU when
+    cosine to ``min_lr`` at ``steps``; the head generator (``text_to_vision``, ``controller``) trains at
+    ``generator_lr_scale`` times that rate. ``amp``: ``"auto"`` (bf16 autocast on CUDA, and on CPU when
     ``bf16_on_cpu``), ``"bf16"`` (always) or ``"off"``. ``device``: ``"auto"`` (CUDA if available), ``"cpu"``,
     ``"cuda"`` (under torchrun: GPU ``LOCAL_RANK``). ``checkpoint_every``: steps between resumable checkpoints, of
     which ``keep_checkpoints`` are kept. ``init_checkpoint``: a trained model (``final.pt`` or a step checkpoint) to
@@ -114,6 +116,7 @@ class TrainConfig:
     min_lr: float = 0.0
     warmup_steps: int = 2_500
     weight_decay: float = 1e-5
+    generator_lr_scale: float = 1.0
     grad_clip: float = 1.0
     dice_smooth: float = DEFAULT_DICE_SMOOTH
     checkpoint_every: int = 1_000
@@ -134,6 +137,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.stores = [str(s) for s in self.stores]
         self.val_stores = [str(s) for s in self.val_stores]
+        if self.generator_lr_scale <= 0:
+            raise ValueError(f"generator_lr_scale must be > 0, got {self.generator_lr_scale}")
         if self.val_every < 0 or self.val_cases < 0 or not 0.0 <= self.val_overlap < 1.0:
             raise ValueError("val_every and val_cases must be >= 0 and val_overlap in [0, 1)")
         self.embeddings, self.out_dir = str(self.embeddings), str(self.out_dir)
@@ -456,12 +461,23 @@ def _prepare_model(config: TrainConfig, classes: ClassTable, device: torch.devic
     model.to(device)
     if config.trainable == "heads":
         model.backbone.requires_grad_(False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(_parameter_groups(model, config.generator_lr_scale), lr=config.lr,
+                                  weight_decay=config.weight_decay)
     if "optimizer" in extra:
         optimizer.load_state_dict(extra["optimizer"])
         set_rng_state(extra["rng"])
     return model, optimizer, extra
+
+
+def _parameter_groups(model: UniversalModel, generator_lr_scale: float) -> list[dict]:
+    """The trainable parameters as AdamW groups, each with its ``lr_scale`` (the factor on the scheduled lr):
+    the head generator (:data:`~universal.model.HEAD_GENERATOR`) at ``generator_lr_scale``, the rest at 1."""
+    generator, rest = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (generator if name.split(".")[0] in HEAD_GENERATOR else rest).append(parameter)
+    return [group for group in ({"params": rest, "lr_scale": 1.0},
+                                {"params": generator, "lr_scale": generator_lr_scale}) if group["params"]]
 
 
 def init_from_checkpoint(model: UniversalModel, path: str | Path, model_config: ModelConfig,
@@ -591,7 +607,7 @@ def _train(config: TrainConfig, env: DistributedEnv, device: torch.device) -> Pa
             began = time.perf_counter()
             lr = lr_at_step(step, config)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             row = train_step(net, next(batches), classes, optimizer, config, device, amp)
             row = _mean_over_ranks(row, ("loss", "bce", "dice"), device, world_size)
             if log is not None:
