@@ -70,6 +70,21 @@ def test_unknown_label_value_is_named(catalog, classes):
         harmonize_labels(Volume(raw, AFFINE), catalog["demo_kits"], classes, None, "demo_kits/x")
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16, np.int32, np.int64])
+def test_label_lookup_is_the_same_for_every_integer_type(catalog, classes, dtype):
+    raw = np.zeros((6, 4, 4), dtype)
+    raw[1:3] = 1
+    raw[4] = 2
+    out = harmonize_labels(Volume(raw, AFFINE), catalog["demo_msd_liver"], classes, None)
+    assert out.dtype == np.uint8 and np.array_equal(out, np.choose(raw.astype(np.int64), [0, 6, 27]))
+    for bad in (-1, 3, 100):
+        if np.iinfo(dtype).min <= bad <= np.iinfo(dtype).max:
+            raw[0, 0, 0] = bad
+            with pytest.raises(HarmonizeError, match=rf"label values \[{bad}\]"):
+                harmonize_labels(Volume(raw, AFFINE), catalog["demo_msd_liver"], classes, None)
+            raw[0, 0, 0] = 0
+
+
 def test_body_midline():
     image = np.full((50, 10, 10), -1000, np.int16)
     image[10:30] = 40

@@ -79,9 +79,16 @@ def harmonize_labels(raw: Volume, entry: DatasetEntry, classes: ClassTable, midl
     for rule in entry.labels:
         lut[rule.raw] = classes[rule.classes[0]].index if len(rule.classes) == 1 else 0
     array = raw.array
-    low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
-    out = lut[np.clip(array, 0, lut.size - 1)] if (low < 0 or high >= lut.size) else lut[array]
-    if low < 0 or high >= lut.size or (out == UNMAPPED).any():
+    if array.dtype.itemsize <= 2:  # a table over the whole value range: one lookup, no min/max passes
+        full = np.full(1 << (8 * array.dtype.itemsize), UNMAPPED, dtype=np.uint8)
+        full[:lut.size] = lut[:full.size]
+        out = full[array.view(f"u{array.dtype.itemsize}")]  # negative values land on UNMAPPED entries
+        outside = False
+    else:
+        low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
+        outside = low < 0 or high >= lut.size
+        out = lut[np.clip(array, 0, lut.size - 1)] if outside else lut[array]
+    if outside or (out == UNMAPPED).any():
         unexpected = sorted(set(np.unique(array).tolist()) - known)
         raise HarmonizeError(f"{case_name}: label values {unexpected} are not in the map of dataset "
                              f"{entry.key!r} (known: {sorted(known)})")
@@ -111,25 +118,25 @@ def harmonize_case(case: Case, entry: DatasetEntry, classes: ClassTable,
     """Load, check, harmonize and (if ``target_spacing`` is given) resample one case.
 
     The image and the label go through two threads (file inflation, the label lookup and resampling release
-    the GIL): the label is read while the image is read and its midline found, and the image is resampled while
-    the label is mapped and resampled. Raises :class:`HarmonizeError` naming the case for unreadable files,
+    the GIL): the label is read while the image is read, and the image is resampled while its midline is found
+    and the label is mapped and resampled. Raises :class:`HarmonizeError` naming the case for unreadable files,
     image/label grid mismatches and label values outside the dataset's map.
     """
     name = f"{entry.key}/{case.case_id}"
     with ThreadPoolExecutor(max_workers=1) as pool:
         label_job = pool.submit(_read_label, case, entry, name)
         image = _read_image_hu(case, entry, name)
-        midline = body_midline_x_mm(image)
         label_raw = label_job.result()
         if label_raw is not None and not same_grid(image, label_raw):
             raise HarmonizeError(f"{name}: image {case.image} (shape {image.shape}) and label {case.label} "
                                  f"(shape {label_raw.shape}) do not share a grid (shape and affine)")
+        image_job = None if target_spacing is None else pool.submit(resample, image, target_spacing, order=1)
+        midline = body_midline_x_mm(image)
         attrs = {"dataset": entry.key, "source_image": str(case.image),
                  "source_label": None if case.label is None else str(case.label),
                  "original_shape": list(image.shape), "original_affine": image.affine.tolist(),
                  "original_spacing": list(image.spacing), "annotated": list(annotated_classes(case, entry)),
                  "midline_x_mm": midline, "class_table_digest": classes.digest()}
-        image_job = None if target_spacing is None else pool.submit(resample, image, target_spacing, order=1)
         label = None
         if label_raw is not None:
             label = Volume(harmonize_labels(label_raw, entry, classes, midline, name), label_raw.affine)
