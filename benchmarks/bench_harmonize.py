@@ -1,6 +1,7 @@
 """Harmonizing one CT into the training store: our route against the original's label_transfer route (MONAI + h5py).
 
-Run: .venv/bin/python benchmarks/bench_harmonize.py  (prints Markdown tables for BENCHMARKS.md; ~1.5 min on 2 cores)
+Run: .venv/bin/python benchmarks/bench_harmonize.py [--repeats N]  (prints Markdown tables for BENCHMARKS.md; ~1.5 min
+per round on 2 cores)
 
 A deterministic phantom (512x512x200 int16 HU at 0.8x0.8x2.5 mm, stored LPS like most DICOM conversions: body,
 fat, lungs, spine, aorta, liver with two tumours, spleen, kidneys, plus Gaussian noise) and its label map (liver 1,
@@ -293,6 +294,9 @@ def main() -> None:
     parser.add_argument("--child", choices=ROUTES, help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help="also run ours once under cProfile")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of the three routes (interleaved); more than 1 adds a per-round table and "
+                             "the speed-up of the median route times")
     args = parser.parse_args()
     if args.child:
         child(args.child, args.folder, args.profile)
@@ -304,8 +308,10 @@ def main() -> None:
         print(f"phantom {SHAPE} int16 at {SPACING} mm (LPS) + uint8 label, nibabel .nii.gz: "
               f"{_size_mib(str(image_path)):.1f} + {_size_mib(str(label_path)):.1f} MiB, made in "
               f"{time.perf_counter() - start:.1f} s; one fresh process per route, torch 2 threads\n")
-        results = {route: run_child(route, folder) for route in ROUTES}
-        report(results)
+        rounds = [{route: run_child(route, folder) for route in ROUTES} for _ in range(max(1, args.repeats))]
+        report(rounds[0])
+        if len(rounds) > 1:
+            report_rounds(rounds)
         if args.profile:
             report_profile(run_child("ours", folder, profile=True))
     finally:
@@ -337,6 +343,17 @@ def report(results: dict) -> None:
     for route, info in results.items():
         for stage, seconds in info["stages"].items():
             print(f"| {route} | {stage} | {seconds:.2f} |")
+
+
+def report_rounds(rounds: list[dict]) -> None:
+    """Route wall time of every round, and the speed-up of the median times over the rounds."""
+    print(f"\nRoute wall time in {len(rounds)} interleaved rounds (the first is the round detailed above):\n")
+    print("| round | ours s | original (minimal) s | speed-up | as written s | speed-up |\n|---|---|---|---|---|---|")
+    rows = [(str(i + 1), *(r[route]["route_s"] for route in ROUTES)) for i, r in enumerate(rounds)]
+    rows.append(("median", *(float(np.median([r[route]["route_s"] for r in rounds])) for route in ROUTES)))
+    for name, ours, minimal, written in rows:
+        print(f"| {name} | {ours:.2f} | {minimal:.2f} | {minimal / ours:.1f}× | {written:.2f} | "
+              f"{written / ours:.1f}× |")
 
 
 def report_profile(info: dict) -> None:
