@@ -55,6 +55,9 @@ def test_prompt_override(tmp_path):
     (lambda d: d["classes"][0].update(colour=[300, 0, 0]), "class 'Spleen': colour"),
     (lambda d: d["classes"][0].update(kind="bone"), "class 'Spleen': kind"),
     (lambda d: d["classes"][25].pop("parents"), "a tumour needs at least one parent"),
+    (lambda d: d["classes"][2].update(postprocess="largest_component"),
+     "largest_component_per_side needs one 'Right Kidney'.*'Left Kidney'"),
+    (lambda d: d["classes"][16].update(side="right"), "lung_pair needs one 'Right Lung'"),
 ])
 def test_malformed_table_names_file_and_problem(tmp_path, mutate, message):
     path = _write(tmp_path, mutate)

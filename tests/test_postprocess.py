@@ -31,6 +31,19 @@ def test_rules_of_the_class_table(classes):
     assert out[left_lung, 2:10, 5:15, 5:15].all() and not out[left_lung, 30:38].any()
 
 
+def test_kidneys_go_by_side_then_keep_their_largest_component(classes):
+    masks = np.zeros((len(classes), 40, 20, 20), bool)
+    right, left = classes.channel("Right Kidney"), classes.channel("Left Kidney")
+    masks[right, 24:36, 4:16, 4:16] = True              # the right kidney (x > midline 40 mm): kept
+    masks[right, 4:10, 4:10, 4:10] = True               # the right head firing on the left kidney: moved left
+    masks[right, 30:32, 18:20, 18:20] = True            # a right-side speck: dropped
+    masks[left, 2:12, 3:12, 3:12] = True                # the left kidney, overlapping the stray right prediction
+    out = postprocess_masks(masks, classes, AFFINE, midline_x_mm=40.0)
+    assert out[right].sum() == 12 * 12 * 12 and out[right, 24:36, 4:16, 4:16].all()
+    expected_left = masks[left] | masks[right] & (np.arange(40) < 20)[:, None, None]
+    assert np.array_equal(out[left], expected_left)
+
+
 def test_exclusive_map_takes_the_most_probable_overlapping_class():
     masks = np.zeros((3, 4, 1, 1), bool)
     probabilities = np.zeros((3, 4, 1, 1), np.float32)

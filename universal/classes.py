@@ -18,7 +18,9 @@ import yaml
 
 KINDS = ("organ", "tumour")
 SIDES = ("right", "left")
-POSTPROCESS_RULES = ("none", "largest_component", "lung_pair", "within_parent")
+POSTPROCESS_RULES = ("none", "largest_component", "lung_pair", "largest_component_per_side", "within_parent")
+# Rules that act on a right/left pair of rows: the two rows share their name but for the "Right "/"Left " prefix.
+PAIR_RULES = ("lung_pair", "largest_component_per_side")
 DEFAULT_PROMPT_TEMPLATE = "A computerized tomography of a {name}"
 
 
@@ -106,6 +108,14 @@ class ClassTable:
     def organs(self) -> list[UniversalClass]:
         return [c for c in self.classes if c.kind == "organ"]
 
+    def side_pairs(self, rule: str) -> list[tuple[str, str]]:
+        """(right, left) class names of the pairs whose rows have post-processing ``rule`` (see PAIR_RULES)."""
+        groups: dict[str, dict[str, str]] = {}
+        for c in self.classes:
+            if c.postprocess == rule:
+                groups.setdefault(pair_name(c.name), {})[c.side or ""] = c.name
+        return [(group["right"], group["left"]) for group in groups.values()]
+
     def tumours(self) -> list[UniversalClass]:
         return [c for c in self.classes if c.kind == "tumour"]
 
@@ -154,7 +164,30 @@ def load_class_table(path: str | Path | None = None, include: list[str] | tuple[
             if parent not in chosen_names:
                 raise ClassTableError(f"{path}: class {r.name!r} needs its parent {parent!r} enabled")
     chosen = tuple(sorted(chosen, key=lambda c: c.index))
+    _check_pairs(path, chosen)
     return ClassTable(chosen, source=str(path))
+
+
+def pair_name(name: str) -> str:
+    """A bilateral class's name without its side: "Right Kidney" -> "Kidney"."""
+    for prefix in ("Right ", "Left "):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def _check_pairs(path: Path, rows: tuple[UniversalClass, ...]) -> None:
+    """Every row with a pair rule has a partner with the same rule and name on the other side."""
+    for rule in PAIR_RULES:
+        groups: dict[str, list[UniversalClass]] = {}
+        for r in rows:
+            if r.postprocess == rule:
+                groups.setdefault(pair_name(r.name), []).append(r)
+        for name, members in groups.items():
+            if sorted(str(m.side) for m in members) != ["left", "right"]:
+                raise ClassTableError(f"{path}: postprocess {rule} needs one 'Right {name}' (side: right) and one "
+                                      f"'Left {name}' (side: left) with that rule, got "
+                                      f"{[(m.name, m.side) for m in members]}")
 
 
 def _parse_row(path: Path, position: int, row: object, template: str) -> UniversalClass:

@@ -6,6 +6,10 @@ Rules (column ``postprocess`` of the class table):
 - ``lung_pair``: the union of the right and left lung is split into components, and each component goes to the
   side of the body midline it lies on (the original instead kept two components and emptied both lungs when
   it found fewer);
+- ``largest_component_per_side`` (kidneys, adrenal glands, femoral heads): the union of the right and left
+  organ is split by side in the same way, then each side keeps its largest component. A head that also fires
+  on the other side's organ (early in training, a right kidney head finds both kidneys) then no longer keeps
+  the wrong organ as its largest component;
 - ``within_parent``: keep tumour voxels that lie within 2 voxels of the (post-processed) parent organ(s);
 - ``none``: unchanged.
 """
@@ -38,11 +42,12 @@ def postprocess_masks(masks: np.ndarray, classes: ClassTable, affine: np.ndarray
     for channel, cls in enumerate(classes):
         if cls.postprocess == "largest_component":
             out[channel] = largest_component(out[channel])
-    lungs = [c for c in classes if c.postprocess == "lung_pair"]
-    if len(lungs) == 2:
-        right = classes.channel(next(c.name for c in lungs if c.side == "right"))
-        left = classes.channel(next(c.name for c in lungs if c.side == "left"))
-        out[right], out[left] = split_by_side(out[right] | out[left], affine, midline_x_mm)
+    for rule in ("lung_pair", "largest_component_per_side"):
+        for right_name, left_name in classes.side_pairs(rule):
+            right, left = classes.channel(right_name), classes.channel(left_name)
+            out[right], out[left] = split_by_side(out[right] | out[left], affine, midline_x_mm)
+            if rule == "largest_component_per_side":
+                out[right], out[left] = largest_component(out[right]), largest_component(out[left])
     for channel, cls in enumerate(classes):
         if cls.postprocess == "within_parent":
             parents = np.zeros(masks.shape[1:], dtype=bool)
