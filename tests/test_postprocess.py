@@ -31,17 +31,21 @@ def test_rules_of_the_class_table(classes):
     assert out[left_lung, 2:10, 5:15, 5:15].all() and not out[left_lung, 30:38].any()
 
 
-def test_kidneys_go_by_side_then_keep_their_largest_component(classes):
+def test_kidneys_are_cut_to_their_side_then_keep_their_largest_component(classes):
     masks = np.zeros((len(classes), 40, 20, 20), bool)
     right, left = classes.channel("Right Kidney"), classes.channel("Left Kidney")
-    masks[right, 24:36, 4:16, 4:16] = True              # the right kidney (x > midline 40 mm): kept
-    masks[right, 4:10, 4:10, 4:10] = True               # the right head firing on the left kidney: moved left
+    masks[right, 24:36, 4:16, 4:16] = True              # the right kidney (x > midline 40 mm, index > 20)
+    masks[right, 4:10, 4:10, 4:10] = True               # the right head firing on the left kidney: cut
     masks[right, 30:32, 18:20, 18:20] = True            # a right-side speck: dropped
-    masks[left, 2:12, 3:12, 3:12] = True                # the left kidney, overlapping the stray right prediction
+    masks[left, 2:12, 3:12, 3:12] = True                # the left kidney
+    masks[left, 12:24, 8:10, 8:10] = True               # a bridge across the midline: its right part is cut
     out = postprocess_masks(masks, classes, AFFINE, midline_x_mm=40.0)
     assert out[right].sum() == 12 * 12 * 12 and out[right, 24:36, 4:16, 4:16].all()
-    expected_left = masks[left] | masks[right] & (np.arange(40) < 20)[:, None, None]
+    expected_left = masks[left].copy()
+    expected_left[21:] = False                           # x = 2 mm * index > 40 mm from index 21
     assert np.array_equal(out[left], expected_left)
+    no_midline = postprocess_masks(masks, classes, AFFINE, midline_x_mm=None)
+    assert no_midline[right].sum() == 12 * 12 * 12 and np.array_equal(no_midline[left], masks[left])
 
 
 def test_exclusive_map_takes_the_most_probable_overlapping_class():
