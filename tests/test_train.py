@@ -100,6 +100,22 @@ def test_resumed_run_repeats_the_uninterrupted_losses(inputs: dict, tmp_path: Pa
     assert _losses(broken) == _losses(whole)
 
 
+def test_checkpoint_without_lr_scales_resumes(inputs: dict, tmp_path: Path) -> None:
+    """A resumable checkpoint written before the head generator had its own rate (one AdamW group, no
+    ``lr_scale``) resumes at the default scale and repeats the uninterrupted losses."""
+    whole = tmp_path / "whole"
+    train(_config(inputs, whole))
+    old = tmp_path / "old"
+    (old / "checkpoints").mkdir(parents=True)
+    record = torch.load(whole / "checkpoints" / "step_00000003.pt", weights_only=True)
+    (group,) = record["extra"]["optimizer"]["param_groups"]
+    del group["lr_scale"]
+    torch.save(record, old / "checkpoints" / "step_00000003.pt")
+    (old / "train_log.csv").write_text((whole / "train_log.csv").read_text())
+    train(_config(inputs, old))
+    assert _losses(old) == _losses(whole)
+
+
 def test_head_generator_trains_at_its_own_learning_rate(inputs: dict, tmp_path: Path) -> None:
     train(_config(inputs, tmp_path, generator_lr_scale=0.1, steps=4, checkpoint_every=4))
     record = torch.load(latest_checkpoint(tmp_path), weights_only=True)

@@ -471,7 +471,10 @@ def _prepare_model(config: TrainConfig, classes: ClassTable, device: torch.devic
 
 def _parameter_groups(model: UniversalModel, generator_lr_scale: float) -> list[dict]:
     """The trainable parameters as AdamW groups, each with its ``lr_scale`` (the factor on the scheduled lr):
-    the head generator (:data:`~universal.model.HEAD_GENERATOR`) at ``generator_lr_scale``, the rest at 1."""
+    the head generator (:data:`~universal.model.HEAD_GENERATOR`) at ``generator_lr_scale``, the rest at 1; one
+    group when the scale is 1 (the layout of checkpoints written before the scale existed, which then resume)."""
+    if generator_lr_scale == 1.0:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr_scale": 1.0}]
     generator, rest = [], []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
@@ -607,7 +610,7 @@ def _train(config: TrainConfig, env: DistributedEnv, device: torch.device) -> Pa
             began = time.perf_counter()
             lr = lr_at_step(step, config)
             for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # absent in checkpoints of earlier versions
             row = train_step(net, next(batches), classes, optimizer, config, device, amp)
             row = _mean_over_ranks(row, ("loss", "bce", "dice"), device, world_size)
             if log is not None:
