@@ -110,11 +110,11 @@ class ClassTable:
 
     def side_pairs(self, rule: str) -> list[tuple[str, str]]:
         """(right, left) class names of the pairs whose rows have post-processing ``rule`` (see PAIR_RULES)."""
-        groups: dict[str, dict[str, str]] = {}
-        for c in self.classes:
-            if c.postprocess == rule:
-                groups.setdefault(pair_name(c.name), {})[c.side or ""] = c.name
-        return [(group["right"], group["left"]) for group in groups.values()]
+        pairs = []
+        for members in _pair_groups(self.classes, rule).values():
+            by_side = {m.side: m.name for m in members}
+            pairs.append((by_side["right"], by_side["left"]))
+        return pairs
 
     def tumours(self) -> list[UniversalClass]:
         return [c for c in self.classes if c.kind == "tumour"]
@@ -176,14 +176,19 @@ def pair_name(name: str) -> str:
     return name
 
 
+def _pair_groups(rows: tuple[UniversalClass, ...], rule: str) -> dict[str, list[UniversalClass]]:
+    """The rows with post-processing ``rule``, grouped by :func:`pair_name`."""
+    groups: dict[str, list[UniversalClass]] = {}
+    for r in rows:
+        if r.postprocess == rule:
+            groups.setdefault(pair_name(r.name), []).append(r)
+    return groups
+
+
 def _check_pairs(path: Path, rows: tuple[UniversalClass, ...]) -> None:
     """Every row with a pair rule has a partner with the same rule and name on the other side."""
     for rule in PAIR_RULES:
-        groups: dict[str, list[UniversalClass]] = {}
-        for r in rows:
-            if r.postprocess == rule:
-                groups.setdefault(pair_name(r.name), []).append(r)
-        for name, members in groups.items():
+        for name, members in _pair_groups(rows, rule).items():
             if sorted(str(m.side) for m in members) != ["left", "right"]:
                 raise ClassTableError(f"{path}: postprocess {rule} needs one 'Right {name}' (side: right) and one "
                                       f"'Left {name}' (side: left) with that rule, got "

@@ -74,15 +74,14 @@ def harmonize_labels(raw: Volume, entry: DatasetEntry, classes: ClassTable, midl
     (255, which no class index may take) and raise :class:`HarmonizeError` naming them.
     """
     known = entry.raw_values()
-    lut = np.full(max(known) + 1, UNMAPPED, dtype=np.uint8)
+    array = raw.array
+    narrow = array.dtype.itemsize <= 2  # a table over the whole value range: one lookup, no min/max passes
+    lut = np.full(max(max(known) + 1, 1 << (8 * array.dtype.itemsize) if narrow else 0), UNMAPPED, dtype=np.uint8)
     lut[0] = 0
     for rule in entry.labels:
         lut[rule.raw] = classes[rule.classes[0]].index if len(rule.classes) == 1 else 0
-    array = raw.array
-    if array.dtype.itemsize <= 2:  # a table over the whole value range: one lookup, no min/max passes
-        full = np.full(1 << (8 * array.dtype.itemsize), UNMAPPED, dtype=np.uint8)
-        full[:lut.size] = lut[:full.size]
-        out = full[array.view(f"u{array.dtype.itemsize}")]  # negative values land on UNMAPPED entries
+    if narrow:
+        out = lut[array.view(f"u{array.dtype.itemsize}")]  # negative values land on UNMAPPED entries
         outside = False
     else:
         low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)

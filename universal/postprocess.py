@@ -22,7 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from universal.classes import ClassTable
-from universal.sides import CONNECTIVITY_26, split_by_side
+from universal.sides import CONNECTIVITY_26, right_of_midline, split_by_side
 
 PARENT_MARGIN_VOXELS = 2
 
@@ -35,13 +35,6 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
     return components == int(sizes.argmax())
-
-
-def right_of_midline(shape: tuple[int, ...], affine: np.ndarray, midline_x_mm: float) -> np.ndarray:
-    """Bool (X, Y, Z): voxels whose RAS x (mm) exceeds the midline's, i.e. on the patient's right."""
-    axes = [affine[0, a] * np.arange(n, dtype=np.float64) for a, n in enumerate(shape)]
-    x_mm = axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :] + affine[0, 3]
-    return x_mm > midline_x_mm
 
 
 def postprocess_masks(masks: np.ndarray, classes: ClassTable, affine: np.ndarray,

@@ -8,6 +8,13 @@ from scipy import ndimage
 CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 
 
+def right_of_midline(shape: tuple[int, ...], affine: np.ndarray, midline_x_mm: float) -> np.ndarray:
+    """Bool (X, Y, Z): voxels whose RAS x (mm) exceeds the midline's, i.e. on the patient's right."""
+    axes = [affine[0, a] * np.arange(n, dtype=np.float64) for a, n in enumerate(shape)]
+    x_mm = axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :] + affine[0, 3]
+    return x_mm > midline_x_mm
+
+
 def split_by_side(mask: np.ndarray, affine: np.ndarray, midline_x_mm: float | None) -> tuple[np.ndarray, np.ndarray]:
     """Split a binary mask (x, y, z) into (right, left) masks, one 26-connected component at a time.
 
