@@ -54,7 +54,7 @@ UNIVERSAL = "universal"
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="working folder (stages found there are reused)")
-    parser.add_argument("--cases", type=int, default=10, help="phantoms per training dataset")
+    parser.add_argument("--cases", type=int, default=20, help="phantoms per training dataset")
     parser.add_argument("--external-cases", type=int, default=6)
     parser.add_argument("--steps", type=int, default=1200, help="training steps of the universal model")
     parser.add_argument("--spacing", type=float, default=4.0, help="store and model grid (mm, isotropic)")

@@ -92,7 +92,8 @@ def cmd_embed(args: argparse.Namespace) -> None:
         names = args.names.read_text().splitlines() if args.names else None
         record = import_embeddings(args.from_file, classes, names)
     else:
-        spec = EncoderSpec(model=args.model, pretrained=args.pretrained, weights_file=args.weights_file)
+        spec = EncoderSpec(model=args.model, pretrained=args.pretrained, weights_file=args.weights_file,
+                           init_seed=args.init_seed)
         if spec.pretrained.lower() == "none" and not spec.weights_file:
             logging.warning("embedding prompts with a RANDOMLY INITIALISED text tower (pretrained: none): the "
                             "embeddings carry no language knowledge; use this for demos and tests only")
@@ -203,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="ViT-B-32", help="open_clip model name, e.g. ViT-B-32 or an hf-hub: name")
     p.add_argument("--pretrained", default="openai", help="open_clip pretrained tag, or 'none' for random init")
     p.add_argument("--weights-file", default=None, help="local weights file (offline clusters)")
+    p.add_argument("--init-seed", type=int, default=0, help="seed of the random initialisation (pretrained 'none')")
     p.add_argument("--from-file", type=Path, default=None, help="import a precomputed table (e.g. txt_encoding.pth)")
     p.add_argument("--names", type=Path, default=None, help="row names of a bare tensor, one per line")
     p.set_defaults(func=cmd_embed)

@@ -7,7 +7,8 @@ Output file (``torch.save``, loadable with ``weights_only=True``)::
 
 Like the original (``pretrained_weights/clip_embedding.py``), features are ``encode_text`` outputs without L2
 normalisation. ``pretrained: none`` gives a randomly initialised text tower: it runs offline and exercises the
-whole path, but its embeddings carry no language knowledge, so it is for demos and tests only.
+whole path, but its embeddings carry no language knowledge, so it is for demos and tests only. Its initialisation
+is seeded (``EncoderSpec.init_seed``, recorded in the output), so the same spec gives the same table in every run.
 """
 
 from __future__ import annotations
@@ -39,11 +40,15 @@ class EmbedError(RuntimeError):
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """Which text encoder to use: an open_clip model name, a pretrained tag (or "none"), or a local weights file."""
+    """Which text encoder to use: an open_clip model name, a pretrained tag (or "none"), or a local weights file.
+
+    ``init_seed`` seeds the random initialisation of a text tower that loads no weights (``pretrained: none``).
+    """
 
     model: str = "ViT-B-32"
     pretrained: str = "openai"
     weights_file: str | None = None
+    init_seed: int = 0
 
 
 def embed_prompts(classes: ClassTable, spec: EncoderSpec, batch_size: int = 64) -> dict:
@@ -52,7 +57,9 @@ def embed_prompts(classes: ClassTable, spec: EncoderSpec, batch_size: int = 64) 
 
     pretrained = _resolve_pretrained(spec)
     try:
-        model = open_clip.create_model(spec.model, pretrained=pretrained, device="cpu")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.init_seed)
+            model = open_clip.create_model(spec.model, pretrained=pretrained, device="cpu")
         tokenizer = open_clip.get_tokenizer(spec.model)
     except Exception as err:  # open_clip raises RuntimeError, OSError and hub errors alike
         raise EmbedError(f"cannot load text encoder {spec.model!r} with pretrained={pretrained!r}: {err}. "
@@ -66,6 +73,7 @@ def embed_prompts(classes: ClassTable, spec: EncoderSpec, batch_size: int = 64) 
             rows.append(model.encode_text(tokens).float())
     encoder = {"model": spec.model, "pretrained": spec.pretrained, "weights_file": spec.weights_file,
                "weights_sha256": _sha256(spec.weights_file) if spec.weights_file else None,
+               "init_seed": spec.init_seed if pretrained is None else None,
                "source": "open_clip", "open_clip_version": open_clip.__version__}
     return {"embeddings": torch.cat(rows).contiguous(), "class_names": classes.names, "prompts": classes.prompts,
             "encoder": encoder}

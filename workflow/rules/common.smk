@@ -105,7 +105,7 @@ def embed_arguments():
     embed = config["embed"]
     if embed.get("from_file"):
         return f"--from-file {embed['from_file']}"
-    arguments = f"--model {embed['model']} --pretrained {embed['pretrained']}"
+    arguments = f"--model {embed['model']} --pretrained {embed['pretrained']} --init-seed {embed['init_seed']}"
     if embed.get("weights_file"):
         arguments += f" --weights-file {embed['weights_file']}"
     return arguments
