@@ -5,7 +5,8 @@ import torch
 from monai.metrics import compute_dice
 
 from universal.aggregate import aggregate
-from universal.evaluate import class_region, dice, evaluate_case, voxel_side_is_right, write_metrics
+from universal.evaluate import class_region, dice, evaluate_case, write_metrics
+from universal.sides import right_of_midline
 from universal.volume import Volume
 
 
@@ -31,7 +32,7 @@ def test_organ_region_includes_its_tumours_on_its_side(classes):
     label[3] = 26      # kidney tumour on the left
     label[6] = 26      # kidney tumour on the right
     label[7:10] = 2    # right kidney
-    right = voxel_side_is_right(label.shape, np.eye(4), midline_x_mm=4.5)
+    right = right_of_midline(label.shape, np.eye(4), midline_x_mm=4.5)
     left_kidney = class_region(label, classes["Left Kidney"], classes, right)
     right_kidney = class_region(label, classes["Right Kidney"], classes, right)
     assert left_kidney[:, 0, 0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]

@@ -20,17 +20,10 @@ from universal.catalog import Case, DatasetEntry
 from universal.classes import ClassTable, UniversalClass
 from universal.harmonize import harmonize_case
 from universal.ome import read_prediction
+from universal.sides import right_of_midline
 from universal.volume import Volume
 
 METRIC_COLUMNS = ("dataset", "case_id", "class", "kind", "predicted", "dice", "gt_ml", "pred_ml")
-
-
-def voxel_side_is_right(shape: tuple[int, int, int], affine: np.ndarray, midline_x_mm: float) -> np.ndarray:
-    """Boolean (x, y, z): True where a voxel's RAS x lies right of the midline (RAS +x is the patient's right)."""
-    i, j, k = (np.arange(n, dtype=np.float64) for n in shape)
-    world_x = (affine[0, 0] * i[:, None, None] + affine[0, 1] * j[None, :, None] + affine[0, 2] * k[None, None, :]
-               + affine[0, 3])
-    return world_x > midline_x_mm
 
 
 def class_region(label: np.ndarray, cls: UniversalClass, classes: ClassTable, right_side: np.ndarray | None
@@ -67,7 +60,7 @@ def evaluate_case(organs: np.ndarray, tumours: np.ndarray, truth: Volume, classe
     if organs.shape != truth.shape or tumours.shape != truth.shape:
         raise ValueError(f"{dataset}/{case_id}: prediction shape {organs.shape} != ground truth {truth.shape}")
     voxel_ml = float(np.prod(truth.spacing)) / 1000.0
-    right_side = voxel_side_is_right(truth.shape, truth.affine, midline_x_mm)
+    right_side = right_of_midline(truth.shape, truth.affine, midline_x_mm)
     rows = []
     predicted_names = None if predicted is None else set(predicted)
     for cls in classes:
