@@ -52,6 +52,21 @@ def test_bilateral_tumour_goes_to_the_side_of_the_midline(classes, per_column: b
     assert targets[:, classes.channel("Kidney Tumor")].all()
 
 
+def test_channel_subset_equals_those_rows_of_all_channels(classes) -> None:
+    label = torch.zeros(2, 6, 3, 2, dtype=torch.uint8)
+    label[:, :2] = _value(classes, "Kidney Tumor")
+    label[:, 2:4] = _value(classes, "Right Kidney")
+    label[1, 4:] = _value(classes, "Liver Tumor")
+    x_mm = torch.tensor([[-10.0, 10.0, -10.0, 10.0, 0.0, 0.0]] * 2)
+    midline = torch.zeros(2)
+    channels = [classes.channel(n) for n in ("Liver", "Left Kidney", "Kidney Tumor", "Right Kidney")]
+    subset = multi_hot_targets(label, classes, x_mm, midline, channels=channels)
+    assert subset.shape == (2, 4, 6, 3, 2)
+    assert torch.equal(subset, multi_hot_targets(label, classes, x_mm, midline)[:, channels])
+    assert subset[1, 0, 4:].all() and not subset[0, 0].any()  # liver tumour counts for the liver
+    assert subset[:, 1, 0].all() and not subset[:, 1, 1].any()  # x = -10 is left of the midline
+
+
 def test_rejects_bad_coordinate_shape(classes) -> None:
     with pytest.raises(ValueError, match="x_mm"):
         multi_hot_targets(torch.zeros(1, 4, 2, 2, dtype=torch.long), classes, torch.zeros(1, 3), torch.zeros(1))

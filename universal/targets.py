@@ -38,18 +38,24 @@ def membership_tables(classes: ClassTable, num_values: int) -> tuple[Tensor, Ten
     return right, left
 
 
-def multi_hot_targets(label: Tensor, classes: ClassTable, x_mm: Tensor, midline_x_mm: Tensor) -> Tensor:
+def multi_hot_targets(label: Tensor, classes: ClassTable, x_mm: Tensor, midline_x_mm: Tensor,
+                      channels: Sequence[int] | Tensor | None = None) -> Tensor:
     """Multi-hot targets (B, K, X, Y, Z) bool for exclusive label maps ``label`` (B, X, Y, Z) (any integer dtype).
 
     ``x_mm``: RAS x (mm) of each voxel column, (B, X), or of each (x, y) column, (B, X, Y) (after an in-plane
     rotation the x coordinate varies along both axes). ``midline_x_mm``: (B,) RAS x of each body's midline.
     Channel k is true where the label is class k, or a tumour whose parent (on the voxel's side) is class k.
+    ``channels`` (class-table channel indices) returns only those channels, in that order (K = len(channels)):
+    training needs the annotated classes of a batch only, and each channel costs a pass over the label map.
     """
     if label.ndim != 4:
         raise ValueError(f"label must be (B, X, Y, Z), got shape {tuple(label.shape)}")
     label = label.long()
     num_values = max(classes.max_index, int(label.max()) if label.numel() else 0) + 1
-    right_table, left_table = (t.to(label.device) for t in membership_tables(classes, num_values))
+    tables = membership_tables(classes, num_values)
+    if channels is not None:
+        tables = tuple(t[torch.as_tensor(channels, dtype=torch.long)] for t in tables)
+    right_table, left_table = (t.to(label.device) for t in tables)
     is_right = _right_side(x_mm.to(label.device), midline_x_mm.to(label.device), label.shape)
     targets = torch.where(is_right.unsqueeze(0), right_table[:, label], left_table[:, label])  # (K, B, X, Y, Z)
     return targets.transpose(0, 1).contiguous()

@@ -361,12 +361,13 @@ def train_step(model: nn.Module, batch: dict, classes: ClassTable, optimizer: to
     """
     image = batch["image"].to(device, non_blocking=True)
     label = batch["label"].to(device, non_blocking=True)
-    targets = multi_hot_targets(label, classes, batch["x_mm"].to(device), batch["midline_x_mm"].to(device))
     mask = batch["mask"].to(device)
     active = mask.any(dim=0).nonzero().flatten()
+    targets = multi_hot_targets(label, classes, batch["x_mm"].to(device), batch["midline_x_mm"].to(device),
+                                channels=active.cpu())
     with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
         logits = model(image, classes=active.tolist())
-    loss, parts = masked_bce_dice_loss(logits.float(), targets[:, active], mask[:, active], config.dice_smooth)
+    loss, parts = masked_bce_dice_loss(logits.float(), targets, mask[:, active], config.dice_smooth)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.grad_clip)
@@ -413,7 +414,7 @@ def validate(model: UniversalModel, config: TrainConfig, classes: ClassTable, de
                     affine = case.affine
                     x_mm = torch.as_tensor(affine[0, 0] * np.arange(label.shape[1]) + affine[0, 3])[None]
                     midline = torch.tensor([float(case.attrs["midline_x_mm"])])
-                    truth = multi_hot_targets(label, classes, x_mm, midline)[0, channels].to(pred.device)
+                    truth = multi_hot_targets(label, classes, x_mm, midline, channels)[0].to(pred.device)
                     dataset = case.attrs.get("dataset", Path(store).stem)
                     for i, name in enumerate(names):
                         rows.append({"step": step, "dataset": dataset, "case_id": case_id, "class": name,
