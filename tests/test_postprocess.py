@@ -1,6 +1,6 @@
 import numpy as np
 
-from universal.postprocess import exclusive_label_map, largest_component, postprocess_masks
+from universal.postprocess import largest_component, postprocess_masks
 
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
 
@@ -47,11 +47,3 @@ def test_kidneys_are_cut_to_their_side_then_keep_their_largest_component(classes
     no_midline = postprocess_masks(masks, classes, AFFINE, midline_x_mm=None)
     assert no_midline[right].sum() == 12 * 12 * 12 and np.array_equal(no_midline[left], masks[left])
 
-
-def test_exclusive_map_takes_the_most_probable_overlapping_class():
-    masks = np.zeros((3, 4, 1, 1), bool)
-    probabilities = np.zeros((3, 4, 1, 1), np.float32)
-    masks[0, :2], probabilities[0, :2] = True, 0.9
-    masks[1, 1:3], probabilities[1, 1:3] = True, 0.7
-    out = exclusive_label_map(masks, probabilities, [0, 1], [6, 1])
-    assert out[:, 0, 0].tolist() == [6, 6, 1, 0]

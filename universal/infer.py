@@ -1,5 +1,6 @@
 """Inference on CT volumes: load the model once, then for each case resample, sliding-window predict,
-post-process, map back to the input grid and write an OME-Zarr prediction (optionally NIfTI label maps too).
+post-process, map back to the input grid through the probabilities (:mod:`universal.source_grid`) and write an
+OME-Zarr prediction (optionally NIfTI label maps too).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from universal.harmonize import body_midline_x_mm
 from universal.intensity import DEFAULT_WINDOW_HU, window
 from universal.model import load_checkpoint
 from universal.ome import write_prediction
-from universal.postprocess import exclusive_label_map, postprocess_masks
+from universal.postprocess import postprocess_masks
+from universal.source_grid import label_map_on_source_grid
 from universal.volume import Volume, VolumeError, load_nifti, resample
 
 log = logging.getLogger(__name__)
@@ -70,13 +72,11 @@ def predict_volume(model: torch.nn.Module, image: Volume, classes: ClassTable, s
     probabilities[channels] = torch.sigmoid(logits[0].float()).cpu().numpy()
     midline = body_midline_x_mm(grid)
     masks = postprocess_masks(probabilities > settings.threshold, classes, grid.affine, midline)
-    organ_channels = [classes.channel(c.name) for c in classes.organs()]
-    tumour_channels = [classes.channel(c.name) for c in classes.tumours()]
-    organs = exclusive_label_map(masks, probabilities, organ_channels, [c.index for c in classes.organs()])
-    tumours = exclusive_label_map(masks, probabilities, tumour_channels, [c.index for c in classes.tumours()])
-    back = [resample(Volume(m, grid.affine), image.spacing, order=0, shape=image.shape).array
-            for m in (organs, tumours)]
-    return CasePrediction(image, back[0], back[1], midline)
+    maps = [label_map_on_source_grid(masks, probabilities, [classes.channel(c.name) for c in group],
+                                     [c.index for c in group], grid.spacing, image.shape, image.spacing,
+                                     settings.threshold)
+            for group in (classes.organs(), classes.tumours())]
+    return CasePrediction(image, maps[0], maps[1], midline)
 
 
 def export_nifti(prediction: np.ndarray, source_affine: np.ndarray, path: Path) -> None:

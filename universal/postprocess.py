@@ -1,4 +1,4 @@
-"""Post-processing of predicted class masks by the class table's rule, and exclusive organ/tumour label maps.
+"""Post-processing of predicted class masks by the class table's rule.
 
 Rules (column ``postprocess`` of the class table):
 
@@ -64,16 +64,3 @@ def postprocess_masks(masks: np.ndarray, classes: ClassTable, affine: np.ndarray
             out[channel] &= near
     return out
 
-
-def exclusive_label_map(masks: np.ndarray, probabilities: np.ndarray, channels: list[int],
-                        values: list[int]) -> np.ndarray:
-    """One uint8 label map from overlapping masks: where several of ``channels`` are set, the most probable wins.
-
-    ``masks`` and ``probabilities`` are (K, X, Y, Z); ``values`` are the label values written for ``channels``.
-    """
-    if not channels:
-        return np.zeros(masks.shape[1:], dtype=np.uint8)
-    scores = np.where(masks[channels], probabilities[channels], -1.0)
-    best = scores.argmax(axis=0)
-    lut = np.asarray(values, dtype=np.uint8)
-    return np.where(scores.max(axis=0) >= 0, lut[best], 0).astype(np.uint8)

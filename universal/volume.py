@@ -148,23 +148,31 @@ def resample(volume: Volume, target_spacing: tuple[float, float, float], order: 
 
 
 def resample_tensor(data: torch.Tensor, zoom: tuple[float, float, float], shape: tuple[int, int, int],
-                    order: int) -> torch.Tensor:
+                    order: int, out_start: tuple[int, int, int] = (0, 0, 0),
+                    in_start: tuple[int, int, int] = (0, 0, 0)) -> torch.Tensor:
     """Resample the last three axes of ``data`` (..., X, Y, Z): output voxel i samples input position i / zoom.
 
-    ``zoom`` is input spacing / output spacing per axis; order 1 needs a floating tensor.
+    ``zoom`` is input spacing / output spacing per axis; order 1 needs a floating tensor. For a crop of both
+    grids, ``data`` holds the input from voxel ``in_start`` on and the output starts at voxel ``out_start`` of
+    the full output grid: output voxel ``out_start + j`` samples input position ``(out_start + j) / zoom``,
+    exactly where the full resampling samples it; positions outside the crop take the crop's edge values.
     """
     # shrink first: axes whose output is smallest relative to their input go first, so later passes move less
     for axis in sorted(range(3), key=lambda a: shape[a] / data.shape[data.ndim - 3 + a]):
-        data = _resample_axis(data, data.ndim - 3 + axis, zoom[axis], shape[axis], order)
+        data = _resample_axis(data, data.ndim - 3 + axis, zoom[axis], shape[axis], order, out_start[axis],
+                              in_start[axis])
     return data
 
 
-def _resample_axis(data: torch.Tensor, axis: int, zoom: float, size: int, order: int) -> torch.Tensor:
-    """Resample one axis: output voxel i samples input position i / zoom (in input voxel units)."""
+def _resample_axis(data: torch.Tensor, axis: int, zoom: float, size: int, order: int, out_start: int = 0,
+                   in_start: int = 0) -> torch.Tensor:
+    """Resample one axis: output voxel i samples input position (out_start + i) / zoom − in_start (in input voxel
+    units of ``data``)."""
     n = data.shape[axis]
-    if size == n and zoom == 1.0:
+    if size == n and zoom == 1.0 and out_start == in_start:
         return data
-    position = torch.arange(size, dtype=torch.float64) / zoom
+    # (integer + i) / zoom − integer: the same float as the full grid's position, shifted exactly
+    position = (torch.arange(size, dtype=torch.float64) + out_start) / zoom - in_start
     before = (slice(None),) * axis  # advanced indexing: much faster than index_select on CPU
     if order == 0:
         index = position.add(0.5).floor().clamp_(0, n - 1).long()
