@@ -16,12 +16,12 @@ What runs, with the library functions the workflow's rules call:
    dataset sampling weights;
 3. one model per training dataset, same architecture and settings, each trained on its own store for
    ``--steps / N`` steps (N datasets): the same total compute, in steps of the same batch of patches;
-4. every model predicts the external phantoms (``universal.infer.infer_cases``) and is scored by
-   ``universal.evaluate.evaluate_predictions`` (Dice per case and class on the source grid); a model predicts
-   only the classes its training data annotate;
+4. every model predicts the ``--external-cases`` external phantoms (``universal.infer.infer_cases``: probabilities
+   mapped back onto each phantom's grid) and is scored by ``universal.evaluate.evaluate_predictions`` (Dice per
+   case and class on the source grid); a model predicts only the classes its training data annotate;
 5. the time to run on one case: ``infer_cases`` on the first external case (model load, NIfTI read, resampling,
-   sliding window, post-processing, OME-Zarr write), best of ``--repeats``, for the universal model and summed
-   over the dataset-specific models.
+   sliding window, post-processing, mapping back, OME-Zarr write), best of ``--repeats``, for the universal model
+   and summed over the dataset-specific models.
 
 Stages whose outputs exist in ``--work`` are reused (delete the folder for a fresh run); training times come from
 ``summary.json`` then.
@@ -55,7 +55,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="working folder (stages found there are reused)")
     parser.add_argument("--cases", type=int, default=20, help="phantoms per training dataset")
-    parser.add_argument("--external-cases", type=int, default=6)
+    parser.add_argument("--external-cases", type=int, default=20,
+                        help="fully labelled external phantoms the models are scored on")
     parser.add_argument("--steps", type=int, default=1200, help="training steps of the universal model")
     parser.add_argument("--spacing", type=float, default=4.0, help="store and model grid (mm, isotropic)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of the one-case inference")
@@ -170,8 +171,19 @@ def main() -> None:
 
 def report(scores: pd.DataFrame, seconds: dict[str, float], timings: dict[str, float], classes, args,
            train_keys: list[str]) -> dict:
-    """Print the Markdown tables and return the figures for ``summary.json``."""
-    mean = scores.groupby(["model", "class"])["dice"].mean().unstack("model")
+    """Print the Markdown tables and return the figures for ``summary.json``.
+
+    A class's mean Dice runs over the external cases whose ground truth holds it, the same cases for every model
+    (MONAI's ``ignore_empty``). Per case a prediction of an absent class scores 0 and an absent class left empty
+    NaN (nnU-Net's rule), so averaging each model over its own non-NaN rows would compare means over different
+    cases: a model with one false voxel on a tumour-free case would average one case more, scored 0. False alarms,
+    cases without the class where a model predicts it anyway, are counted in their own column.
+    """
+    held = scores[scores["gt_ml"] > 0]
+    mean = held.groupby(["model", "class"])["dice"].mean().unstack("model")
+    absent = scores[scores["gt_ml"] == 0]
+    false_alarms = (absent["pred_ml"] > 0).groupby([absent["class"], absent["model"]]).sum().unstack("model")
+    absent_cases = absent.groupby("class")["case_id"].nunique()
     universal = mean[UNIVERSAL].dropna()
     rows, specific_best = [], {}
     for name in universal.index:
@@ -180,11 +192,17 @@ def report(scores: pd.DataFrame, seconds: dict[str, float], timings: dict[str, f
         specific_best[name] = best
         kind = "tumour" if classes[name].is_tumour else "organ"
         cells = " | ".join(f"{others[k]:.3f}" if k in others else "–" for k in train_keys)
-        verdict = "yes" if universal[name] >= best else "no"
-        rows.append(f"| {name} | {kind} | {universal[name]:.3f} | {cells} | {verdict} |")
-    print(f"\n{len(scores['case_id'].unique())} external phantoms, {args.spacing} mm; mean Dice per class:\n")
-    print(f"| class | kind | universal | {' | '.join(train_keys)} | universal >= best specific |")
-    print("|---|---|---|" + "---|" * len(train_keys) + "---|")
+        verdict = "yes" if universal[name] >= best else f"no ({universal[name] - best:+.3f})"
+        alarms = "–"
+        if name in absent_cases.index:
+            counts = " / ".join(f"{int(false_alarms.at[name, m])}" for m in [UNIVERSAL, *others])
+            alarms = f"{counts} of {absent_cases[name]}"
+        rows.append(f"| {name} | {kind} | {universal[name]:.3f} | {cells} | {verdict} | {alarms} |")
+    print(f"\n{len(scores['case_id'].unique())} external phantoms, {args.spacing} mm; mean Dice per class over the "
+          "cases that hold it; false alarms: cases without the class where it is predicted (universal / "
+          "specific models):\n")
+    print(f"| class | kind | universal | {' | '.join(train_keys)} | universal >= best specific | false alarms |")
+    print("|---|---|---|" + "---|" * len(train_keys) + "---|---|")
     print("\n".join(rows))
     organs = [n for n in universal.index if not classes[n].is_tumour]
     tumours = [n for n in universal.index if classes[n].is_tumour]

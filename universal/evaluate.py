@@ -5,8 +5,9 @@ tumour belongs to the organ on its side of the body midline), a tumour's region 
 predicted organ region is the organ label image (organ channels already cover their tumours).
 
 Dice = 2|P∩G| / (|P| + |G|), with no smoothing term. When both P and G are empty the Dice is undefined and
-reported as NaN (excluded from means, like MONAI's ``ignore_empty``); a non-empty prediction of an absent class
-scores 0.
+reported as NaN (excluded from means); a non-empty prediction of an absent class scores 0. That is nnU-Net's
+rule; MONAI's ``ignore_empty`` instead gives NaN whenever G is empty. ``gt_ml`` tells the two cases apart, so a
+comparison of models can average over the same cases (those whose G is not empty).
 """
 
 from __future__ import annotations
