@@ -730,13 +730,7 @@ def _add_tumour(canvas: _Canvas, rng: np.random.Generator, value: int, parent: i
 
 def _bbox(mask: np.ndarray) -> Slices | None:
     """The smallest slices holding every True voxel of a 3D mask, or None when it is empty."""
-    if not mask.any():
-        return None
-    spans = []
-    for axis in range(3):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        spans.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(spans)  # type: ignore[return-value]
+    return ndimage.find_objects(mask.view(np.uint8), max_label=1)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------

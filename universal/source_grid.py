@@ -68,13 +68,10 @@ def label_map_on_source_grid(masks: np.ndarray, probabilities: np.ndarray, chann
 def _bounding_box(mask: np.ndarray, margin: int) -> list[tuple[int, int]] | None:
     """Per axis the half-open index range [lo, hi) of the mask's voxels widened by ``margin``, within the array;
     None for an empty mask."""
-    box = []
-    for axis in range(mask.ndim):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if not len(hits):
-            return None
-        box.append((max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, mask.shape[axis])))
-    return box
+    found = ndimage.find_objects(mask.view(np.uint8), max_label=1)[0]  # the slices of label 1, or None
+    if found is None:
+        return None
+    return [(max(box.start - margin, 0), min(box.stop + margin, n)) for box, n in zip(found, mask.shape, strict=True)]
 
 
 def _source_box(box: list[tuple[int, int]], zoom: Sequence[float], grid_shape: Sequence[int],
