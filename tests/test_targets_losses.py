@@ -105,6 +105,35 @@ def test_loss_equals_hand_computed_reference() -> None:
     assert total.item() == pytest.approx((bce + dice).item(), rel=1e-5)
 
 
+def test_sample_average_weighs_each_sample_alike() -> None:
+    generator = torch.Generator().manual_seed(6)
+    logits = torch.randn(2, 4, 6, 5, 4, generator=generator)
+    targets = torch.rand(2, 4, 6, 5, 4, generator=generator) > 0.6
+    targets[0, 3] = False  # annotated but absent from the patch: BCE only
+    mask = torch.tensor([[True, True, True, True], [False, True, False, False]])  # 4 pairs against 1
+    monai = DiceLoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0, reduction="none")(logits, targets.float())
+    dice = monai.reshape(2, 4)
+    bce = F.binary_cross_entropy_with_logits(logits, targets.float(), reduction="none").mean(dim=(2, 3, 4))
+    _, by_sample = masked_bce_dice_loss(logits, targets, mask, smooth=1.0, average="sample")
+    _, by_pair = masked_bce_dice_loss(logits, targets, mask, smooth=1.0, average="pair")
+    assert by_sample["bce"].item() == pytest.approx(((bce[0].mean() + bce[1, 1]) / 2).item(), rel=1e-6)
+    assert by_sample["dice"].item() == pytest.approx(((dice[0, :3].mean() + dice[1, 1]) / 2).item(), rel=1e-6)
+    assert by_pair["bce"].item() == pytest.approx(bce[mask].mean().item(), rel=1e-6)
+    assert by_pair["dice"].item() == pytest.approx(dice[mask & targets.flatten(2).any(dim=2)].mean().item(),
+                                                   rel=1e-6)
+    assert abs(by_sample["bce"].item() - by_pair["bce"].item()) > 1e-3
+
+
+def test_averages_agree_when_every_sample_annotates_the_same_classes() -> None:
+    logits, targets, _ = _random_case(7)
+    mask = torch.tensor([[True, False, True], [True, False, True]])
+    total_sample, _ = masked_bce_dice_loss(logits, targets, mask, average="sample")
+    total_pair, _ = masked_bce_dice_loss(logits, targets, mask, average="pair")
+    assert total_sample.item() == pytest.approx(total_pair.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="average"):
+        masked_bce_dice_loss(logits, targets, mask, average="class")
+
+
 def test_dice_part_equals_monai_dice_loss() -> None:
     logits, targets, mask = _random_case(1)
     _, parts = masked_bce_dice_loss(logits, targets, mask, smooth=1.0)

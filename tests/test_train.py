@@ -176,6 +176,11 @@ def test_generator_lr_scale_must_be_positive(inputs: dict, tmp_path: Path) -> No
         _config(inputs, tmp_path, generator_lr_scale=0.0)
 
 
+def test_loss_average_must_be_known(inputs: dict, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="loss_average must be one of"):
+        _config(inputs, tmp_path, loss_average="class")
+
+
 def test_learning_rate_schedule(inputs: dict, tmp_path: Path) -> None:
     config = _config(inputs, tmp_path, steps=110, warmup_steps=10, lr=1e-3, min_lr=1e-5)
     assert lr_at_step(0, config) == pytest.approx(1e-4)

@@ -7,10 +7,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 DEFAULT_DICE_SMOOTH = 1.0
+LOSS_AVERAGES = ("pair", "sample")
 
 
-def masked_bce_dice_loss(logits: Tensor, targets: Tensor, mask: Tensor,
-                         smooth: float = DEFAULT_DICE_SMOOTH) -> tuple[Tensor, dict[str, Tensor]]:
+def masked_bce_dice_loss(logits: Tensor, targets: Tensor, mask: Tensor, smooth: float = DEFAULT_DICE_SMOOTH,
+                         average: str = "pair") -> tuple[Tensor, dict[str, Tensor]]:
     """BCE-with-logits + soft Dice, each averaged over the (sample, class) pairs where ``mask`` is true.
 
     ``logits`` (B, K, X, Y, Z) (any spatial rank), ``targets`` of the same shape (bool or float in [0, 1]),
@@ -31,7 +32,16 @@ def masked_bce_dice_loss(logits: Tensor, targets: Tensor, mask: Tensor,
     organ, a tumour) towards p = 0 until its sigmoid saturates; there its Dice gradient (∝ p(1 − p)) vanishes on
     the patches that do hold it. In a 1,200-step demo run with that term, the heads of the esophagus and the
     kidney tumour ended at p < 10⁻³ everywhere, on training cases too. With no non-empty pair the Dice part is 0.
-        """
+
+    How the pairs are averaged (``average``): ``"pair"``, every annotated pair of the batch alike (the original's
+    ``Multi_BCELoss``/``DiceLoss``: the sum over pairs divided by their count); ``"sample"``, each sample's pairs
+    first, then the samples alike (samples without an annotated pair, or for Dice without a non-empty one, are
+    left out). They differ when the samples of a batch annotate different numbers of classes: averaged by pair,
+    a patch of a dataset labelling one class next to a patch labelling eight gets 1/9 of the batch's weight,
+    averaged by sample 1/2, as in a batch of its own dataset alone.
+    """
+    if average not in LOSS_AVERAGES:
+        raise ValueError(f"average must be one of {LOSS_AVERAGES}, got {average!r}")
     if logits.shape != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ in shape")
     if mask.shape != logits.shape[:2]:
@@ -42,9 +52,12 @@ def masked_bce_dice_loss(logits: Tensor, targets: Tensor, mask: Tensor,
         return zero, {"bce": zero.detach(), "dice": zero.detach()}
     selected = logits[mask].flatten(1).float()  # (M, N) for the M annotated pairs
     truth = targets[mask].flatten(1).to(selected.dtype)
-    bce = F.binary_cross_entropy_with_logits(selected, truth, reduction="none").mean(dim=1).mean()
+    sample = mask.nonzero()[:, 0]  # (M,) the batch index of each pair
+    bce = _average(F.binary_cross_entropy_with_logits(selected, truth, reduction="none").mean(dim=1), sample,
+                   average)
     present = truth.amax(dim=1) > 0
-    dice = soft_dice_loss(selected[present], truth[present], smooth).mean() if present.any() else bce * 0.0
+    dice = (_average(soft_dice_loss(selected[present], truth[present], smooth), sample[present], average)
+            if present.any() else bce * 0.0)
     total = bce + dice
     return total, {"bce": bce.detach(), "dice": dice.detach()}
 
@@ -55,3 +68,13 @@ def soft_dice_loss(logits: Tensor, targets: Tensor, smooth: float = DEFAULT_DICE
     intersection = (probs * targets).sum(dim=1)
     denominator = probs.sum(dim=1) + targets.sum(dim=1)
     return 1.0 - (2.0 * intersection + smooth) / (denominator + smooth)
+
+
+def _average(values: Tensor, sample: Tensor, average: str) -> Tensor:
+    """Mean of per-pair ``values`` (M,): over all pairs, or per sample (``sample`` (M,) batch indices) then over
+    the samples present."""
+    if average == "pair":
+        return values.mean()
+    _, group, counts = torch.unique(sample, return_inverse=True, return_counts=True)
+    per_sample = torch.zeros(len(counts), dtype=values.dtype, device=values.device).index_add_(0, group, values)
+    return (per_sample / counts.to(values.dtype)).mean()

@@ -56,7 +56,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from universal.classes import ClassTable, load_class_table
 from universal.intensity import window
-from universal.losses import DEFAULT_DICE_SMOOTH, masked_bce_dice_loss
+from universal.losses import DEFAULT_DICE_SMOOTH, LOSS_AVERAGES, masked_bce_dice_loss
 from universal.model import (
     CHECKPOINT_FORMAT,
     HEAD_GENERATOR,
@@ -99,7 +99,9 @@ class TrainConfig:
     in ``out_dir`` resumes from them instead. ``trainable``: ``"all"`` or ``"heads"`` (backbone frozen; needs
     ``init_checkpoint``). ``val_stores``: zarr stores of held-out cases, of which at most ``val_cases`` per store
     are evaluated every ``val_every`` steps and at the end (0: never) by sliding-window inference with
-    ``val_overlap`` (rank 0 only; Dice per annotated class in ``val_log.csv``).
+    ``val_overlap`` (rank 0 only; Dice per annotated class in ``val_log.csv``). ``loss_average``: how the loss
+    weighs the annotated (sample, class) pairs of a batch, ``"pair"`` (each alike, as the original) or
+    ``"sample"`` (each sample alike; :func:`universal.losses.masked_bce_dice_loss`).
     """
 
     stores: list[str]
@@ -119,6 +121,7 @@ class TrainConfig:
     generator_lr_scale: float = 1.0
     grad_clip: float = 1.0
     dice_smooth: float = DEFAULT_DICE_SMOOTH
+    loss_average: str = "pair"
     checkpoint_every: int = 1_000
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -139,6 +142,8 @@ class TrainConfig:
         self.val_stores = [str(s) for s in self.val_stores]
         if self.generator_lr_scale <= 0:
             raise ValueError(f"generator_lr_scale must be > 0, got {self.generator_lr_scale}")
+        if self.loss_average not in LOSS_AVERAGES:
+            raise ValueError(f"loss_average must be one of {LOSS_AVERAGES}, got {self.loss_average!r}")
         if self.val_every < 0 or self.val_cases < 0 or not 0.0 <= self.val_overlap < 1.0:
             raise ValueError("val_every and val_cases must be >= 0 and val_overlap in [0, 1)")
         self.embeddings, self.out_dir = str(self.embeddings), str(self.out_dir)
@@ -367,7 +372,8 @@ def train_step(model: nn.Module, batch: dict, classes: ClassTable, optimizer: to
                                 channels=active.cpu())
     with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
         logits = model(image, classes=active.tolist())
-    loss, parts = masked_bce_dice_loss(logits.float(), targets, mask[:, active], config.dice_smooth)
+    loss, parts = masked_bce_dice_loss(logits.float(), targets, mask[:, active], config.dice_smooth,
+                                       config.loss_average)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.grad_clip)
