@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 
 from universal.classes import load_class_table
-from universal.losses import masked_bce_dice_loss
+from universal.losses import MISSED_PROBABILITY, masked_bce_dice_loss
 from universal.targets import annotated_mask, multi_hot_targets
 
 
@@ -132,6 +132,46 @@ def test_averages_agree_when_every_sample_annotates_the_same_classes() -> None:
     assert total_sample.item() == pytest.approx(total_pair.item(), rel=1e-6)
     with pytest.raises(ValueError, match="average"):
         masked_bce_dice_loss(logits, targets, mask, average="class")
+
+
+def _missed_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two pairs of 4 x 4 x 4 voxels: positives at logit -8 (p = 3e-4, missed), -2 (p = 0.12) and +3; negatives
+    anywhere."""
+    generator = torch.Generator().manual_seed(8)
+    targets = torch.rand(1, 2, 4, 4, 4, generator=generator) > 0.5
+    logits = torch.randn(1, 2, 4, 4, 4, generator=generator) * 3
+    level = torch.tensor([-8.0, -2.0, 3.0])[torch.randint(0, 3, (1, 2, 4, 4, 4), generator=generator)]
+    logits = torch.where(targets, level, logits)
+    return logits, targets, torch.ones(1, 2, dtype=torch.bool)
+
+
+def test_missed_positives_weigh_missed_weight_in_the_bce() -> None:
+    logits, targets, mask = _missed_case()
+    missed = targets & (torch.sigmoid(logits) < MISSED_PROBABILITY)
+    assert missed.sum() > 5 and (targets & ~missed).sum() > 5
+    _, parts = masked_bce_dice_loss(logits, targets, mask, missed_weight=50.0)
+    p, t = torch.sigmoid(logits.double()), targets.double()
+    per_voxel = -(t * torch.log(p) + (1 - t) * torch.log(1 - p)) * (1 + 49 * missed.double())
+    assert parts["bce"].item() == pytest.approx(per_voxel.mean().item(), rel=1e-5)
+    _, plain = masked_bce_dice_loss(logits, targets, mask)
+    assert parts["dice"].item() == plain["dice"].item()
+
+
+def test_missed_weight_changes_the_gradient_at_missed_positives_only() -> None:
+    """Against the original's loss the gradient differs by (w - 1) (p - 1) / (voxels * pairs) at missed positives
+    and nowhere else: confident and near-miss positives and all negatives are left as they were."""
+    logits, targets, mask = _missed_case()
+    grads = []
+    for weight in (1.0, 50.0):
+        x = logits.clone().requires_grad_(True)
+        masked_bce_dice_loss(x, targets, mask, missed_weight=weight)[0].backward()
+        grads.append(x.grad)
+    missed = targets & (torch.sigmoid(logits) < MISSED_PROBABILITY)
+    expected = 49 * (torch.sigmoid(logits) - 1) / (logits[0, 0].numel() * 2) * missed
+    torch.testing.assert_close(grads[1] - grads[0], expected, rtol=1e-4, atol=1e-9)
+    assert (grads[1] - grads[0])[~missed].abs().max() < 1e-9
+    with pytest.raises(ValueError, match="missed_weight"):
+        masked_bce_dice_loss(logits, targets, mask, missed_weight=0.5)
 
 
 def test_dice_part_equals_monai_dice_loss() -> None:

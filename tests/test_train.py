@@ -176,9 +176,11 @@ def test_generator_lr_scale_must_be_positive(inputs: dict, tmp_path: Path) -> No
         _config(inputs, tmp_path, generator_lr_scale=0.0)
 
 
-def test_loss_average_must_be_known(inputs: dict, tmp_path: Path) -> None:
+def test_loss_options_are_checked(inputs: dict, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="loss_average must be one of"):
         _config(inputs, tmp_path, loss_average="class")
+    with pytest.raises(ValueError, match="missed_weight must be >= 1"):
+        _config(inputs, tmp_path, missed_weight=0.0)
 
 
 def test_learning_rate_schedule(inputs: dict, tmp_path: Path) -> None:

@@ -101,7 +101,8 @@ class TrainConfig:
     are evaluated every ``val_every`` steps and at the end (0: never) by sliding-window inference with
     ``val_overlap`` (rank 0 only; Dice per annotated class in ``val_log.csv``). ``loss_average``: how the loss
     weighs the annotated (sample, class) pairs of a batch, ``"pair"`` (each alike, as the original) or
-    ``"sample"`` (each sample alike; :func:`universal.losses.masked_bce_dice_loss`).
+    ``"sample"`` (each sample alike; :func:`universal.losses.masked_bce_dice_loss`). ``missed_weight``: the
+    BCE weight of positive voxels predicted below 1 % (1: the original's loss; see that function).
     """
 
     stores: list[str]
@@ -122,6 +123,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     dice_smooth: float = DEFAULT_DICE_SMOOTH
     loss_average: str = "pair"
+    missed_weight: float = 1.0
     checkpoint_every: int = 1_000
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -144,6 +146,8 @@ class TrainConfig:
             raise ValueError(f"generator_lr_scale must be > 0, got {self.generator_lr_scale}")
         if self.loss_average not in LOSS_AVERAGES:
             raise ValueError(f"loss_average must be one of {LOSS_AVERAGES}, got {self.loss_average!r}")
+        if self.missed_weight < 1:
+            raise ValueError(f"missed_weight must be >= 1, got {self.missed_weight}")
         if self.val_every < 0 or self.val_cases < 0 or not 0.0 <= self.val_overlap < 1.0:
             raise ValueError("val_every and val_cases must be >= 0 and val_overlap in [0, 1)")
         self.embeddings, self.out_dir = str(self.embeddings), str(self.out_dir)
@@ -373,7 +377,7 @@ def train_step(model: nn.Module, batch: dict, classes: ClassTable, optimizer: to
     with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
         logits = model(image, classes=active.tolist())
     loss, parts = masked_bce_dice_loss(logits.float(), targets, mask[:, active], config.dice_smooth,
-                                       config.loss_average)
+                                       config.loss_average, config.missed_weight)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.grad_clip)
