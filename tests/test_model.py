@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from universal.model import (
     ModelConfig,
     UniversalModel,
+    apply_heads,
     build_model,
     load_checkpoint,
     load_embeddings,
@@ -27,8 +28,9 @@ def tiny_model() -> UniversalModel:
     return build_model(TINY_UNET, torch.randn(5, 512))
 
 
-def reference_heads(model: UniversalModel, x: torch.Tensor) -> torch.Tensor:
-    """The original's per-sample loop: repeated 8-channel features and grouped 1×1×1 convolutions."""
+def reference_heads(model: UniversalModel, x: torch.Tensor, negative_slope: float = 0.0) -> torch.Tensor:
+    """The original's per-sample loop: repeated 8-channel features and grouped 1×1×1 convolutions (its ReLUs
+    leaky by ``negative_slope``)."""
     deep, full = model.backbone(x)
     classes = model.organ_embedding.shape[0]
     task = F.relu(model.text_to_vision(model.organ_embedding)).unsqueeze(2).unsqueeze(2).unsqueeze(2)
@@ -40,8 +42,10 @@ def reference_heads(model: UniversalModel, x: torch.Tensor) -> torch.Tensor:
         params = model.controller(condition).squeeze(-1).squeeze(-1).squeeze(-1)
         w1, w2, w3, b1, b2, b3 = params.split([64, 64, 8, 8, 8, 1], dim=1)
         h = head_in[i:i + 1].repeat(1, classes, 1, 1, 1)
-        h = F.relu(F.conv3d(h, w1.reshape(classes * 8, 8, 1, 1, 1), b1.reshape(-1), groups=classes))
-        h = F.relu(F.conv3d(h, w2.reshape(classes * 8, 8, 1, 1, 1), b2.reshape(-1), groups=classes))
+        h = F.leaky_relu(F.conv3d(h, w1.reshape(classes * 8, 8, 1, 1, 1), b1.reshape(-1), groups=classes),
+                         negative_slope)
+        h = F.leaky_relu(F.conv3d(h, w2.reshape(classes * 8, 8, 1, 1, 1), b2.reshape(-1), groups=classes),
+                         negative_slope)
         outputs.append(F.conv3d(h, w3.reshape(classes, 8, 1, 1, 1), b3.reshape(-1), groups=classes))
     return torch.cat(outputs, 0)
 
@@ -61,6 +65,36 @@ def test_batched_heads_equal_the_original_loop(tiny_model: UniversalModel) -> No
         torch.testing.assert_close(tiny_model(x), reference_heads(tiny_model, x), rtol=0, atol=1e-5)
         model64, x64 = tiny_model.double(), x.double()
         torch.testing.assert_close(model64(x64), reference_heads(model64, x64), rtol=0, atol=1e-12)
+
+
+def test_leaky_heads_equal_the_loop_with_leaky_activations() -> None:
+    torch.manual_seed(0)
+    leaky = build_model(ModelConfig(**{**TINY_UNET.to_dict(), "head_negative_slope": 0.1}), torch.randn(5, 512))
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        out = leaky(x)
+        torch.testing.assert_close(out, reference_heads(leaky, x, 0.1), rtol=0, atol=1e-5)
+        leaky.head_negative_slope = 0.0
+        assert (out - leaky(x)).abs().max() > 1e-3
+
+
+def test_leaky_heads_keep_a_gradient_where_relu_units_are_all_off() -> None:
+    features = torch.ones(1, 8, 1, 1, 1)
+    params = torch.zeros(1, 1, 153)
+    w1, _, w3, _, b2, b3 = params[0, 0].split([64, 64, 8, 8, 8, 1])
+    w1.copy_(torch.eye(8).flatten())
+    b2.fill_(-1.0)  # every second-layer unit off: under ReLU the logit is b3 whatever w2 is
+    w3.fill_(1.0)
+    b3.fill_(-2.0)
+    gradients = {}
+    for slope in (0.0, 0.1):
+        trained = params.clone().requires_grad_(True)
+        logit = apply_heads(features, trained, slope)
+        logit.sum().backward()
+        gradients[slope] = trained.grad[0, 0].split([64, 64, 8, 8, 8, 1])
+        assert logit.item() == pytest.approx(-2.0 - 8 * slope)  # each unit: slope * (-1)
+    assert gradients[0.0][1].abs().max() == 0  # w2: no gradient through dead units
+    torch.testing.assert_close(gradients[0.1][1], torch.full((64,), 0.1))  # d logit / d w2[i, j] = 0.1 * h1[j]
 
 
 def test_centred_embeddings_drop_the_shared_direction() -> None:
@@ -127,6 +161,8 @@ def test_config_round_trip_and_errors() -> None:
         ModelConfig.from_dict({"bogus": 1})
     with pytest.raises(ValueError, match="backbone"):
         ModelConfig(backbone="vnet")
+    with pytest.raises(ValueError, match="head_negative_slope"):
+        ModelConfig(head_negative_slope=1.5)
     with pytest.raises(ValueError, match="embedding_dim"):
         build_model(TINY_UNET, torch.randn(3, 256))
 

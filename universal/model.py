@@ -6,9 +6,9 @@ onto this module: ``organ_embedding`` (a buffer, the fixed class text embeddings
 1×1×1 conv to 8 channels), ``controller`` (1×1×1 conv 512 → 153) and ``backbone``.
 
 For every class k and batch element b the controller turns ``[GAP(deep)_b, ReLU(text_to_vision(e_k))]`` into the
-153 parameters of a tiny per-voxel MLP 8 → 8 → 8 → 1 (ReLU between layers, no output activation), applied to the
-8-channel full-resolution feature. Here all (b, k) heads run as three batched matrix products instead of the
-original's per-sample loop with 256-channel repeated tensors.
+153 parameters of a tiny per-voxel MLP 8 → 8 → 8 → 1 (ReLU between layers, optionally leaky; no output activation),
+applied to the 8-channel full-resolution feature. Here all (b, k) heads run as three batched matrix products instead
+of the original's per-sample loop with 256-channel repeated tensors.
 
 Tensors are (B, C, X, Y, Z) with spatial axes in RAS voxel order. Outputs are logits: one independent sigmoid per
 class (organ channels overlap their tumours), never a softmax.
@@ -62,6 +62,10 @@ class ModelConfig:
     template share most of their direction (mean pairwise cosine 0.88 in the original's table; right vs left
     kidney 0.99); centring leaves the class-specific part (right vs left kidney 0.86, spleen vs liver 0.10),
     which the heads separate in far fewer steps. Use ``"none"`` for the original's checkpoints.
+    ``head_negative_slope``: slope of the class heads' hidden activations below zero; ``0`` is the original's
+    ReLU (use it for the original's checkpoints). With ReLU a head can trap a group of its positive voxels where
+    every unit that raises its output is off: their logit then sits at the output bias and no gradient reaches
+    the units that could turn them on (BENCHMARKS.md, "A dead head unit"). A leaky slope keeps a gradient there.
     """
 
     backbone: str = "swinunetr"
@@ -74,6 +78,7 @@ class ModelConfig:
     embedding_dim: int = 512
     head_chunk_classes: int = 8
     embedding_norm: str = "centered"
+    head_negative_slope: float = 0.0
 
     def __post_init__(self) -> None:
         self.features = tuple(int(f) for f in self.features)
@@ -85,6 +90,8 @@ class ModelConfig:
             raise ValueError(f"norm must be 'instance' or 'group', got {self.norm!r}")
         if self.embedding_norm not in EMBEDDING_NORMS:
             raise ValueError(f"embedding_norm must be one of {EMBEDDING_NORMS}, got {self.embedding_norm!r}")
+        if not 0.0 <= self.head_negative_slope < 1.0:
+            raise ValueError(f"head_negative_slope must be in [0, 1), got {self.head_negative_slope}")
         if self.feature_size % 12:
             raise ValueError(f"SwinUNETR feature_size must be a multiple of 12, got {self.feature_size}")
 
@@ -182,7 +189,8 @@ class UniversalModel(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, deep_channels: int, full_channels: int, embeddings: Tensor,
-                 head_chunk_classes: int = 0, embedding_norm: str = "none") -> None:
+                 head_chunk_classes: int = 0, embedding_norm: str = "none",
+                 head_negative_slope: float = 0.0) -> None:
         super().__init__()
         if embeddings.ndim != 2:
             raise ValueError(f"embeddings must be (classes, dim), got shape {tuple(embeddings.shape)}")
@@ -197,6 +205,7 @@ class UniversalModel(nn.Module):
                                          nn.Conv3d(full_channels, HEAD_CHANNELS, kernel_size=1))
         self.controller = nn.Conv3d(2 * TASK_CHANNELS, sum(HEAD_SPLITS), kernel_size=1)
         self.head_chunk_classes = head_chunk_classes
+        self.head_negative_slope = head_negative_slope
 
     @property
     def num_classes(self) -> int:
@@ -209,9 +218,10 @@ class UniversalModel(nn.Module):
         head_params = self.head_parameters(deep, classes)
         features = self.precls_conv(full)
         chunk = self.head_chunk_classes
+        slope = self.head_negative_slope
         if torch.is_grad_enabled() or chunk <= 0 or head_params.shape[1] <= chunk:
-            return apply_heads(features, head_params)
-        return torch.cat([apply_heads(features, p) for p in head_params.split(chunk, dim=1)], dim=1)
+            return apply_heads(features, head_params, slope)
+        return torch.cat([apply_heads(features, p, slope) for p in head_params.split(chunk, dim=1)], dim=1)
 
     def head_parameters(self, deep: Tensor, classes: Sequence[int] | None = None) -> Tensor:
         """The 153 head parameters per (sample, class): (B, K, 153), from the deep feature (B, C_deep, ...)."""
@@ -226,23 +236,30 @@ class UniversalModel(nn.Module):
         return F.linear(condition, self.controller.weight.flatten(1), self.controller.bias)
 
 
-def apply_heads(features: Tensor, params: Tensor) -> Tensor:
+def apply_heads(features: Tensor, params: Tensor, negative_slope: float = 0.0) -> Tensor:
     """Run every (sample, class) head as batched matrix products.
 
     ``features``: (B, 8, X, Y, Z) output of ``precls_conv``; ``params``: (B, K, 153) from the controller, split as
-    w1 | w2 | w3 | b1 | b2 | b3 with weights in [out, in] row-major order. Returns logits (B, K, X, Y, Z).
+    w1 | w2 | w3 | b1 | b2 | b3 with weights in [out, in] row-major order; ``negative_slope``: of the hidden
+    activations (0: ReLU). Returns logits (B, K, X, Y, Z).
     """
     batch, k = params.shape[:2]
     spatial = features.shape[2:]
     n = math.prod(spatial)
     c = HEAD_CHANNELS
     w1, w2, w3, b1, b2, b3 = params.split(HEAD_SPLITS, dim=2)
-    # In-place ReLUs: baddbmm does not keep its output for backward, so each layer stores one tensor, not two.
+    # In-place activations: baddbmm does not keep its output for backward, so each layer stores one tensor, not two.
     hidden = torch.baddbmm(b1.reshape(batch, k * c, 1), w1.reshape(batch, k * c, c), features.reshape(batch, c, n))
-    hidden = hidden.relu_().reshape(batch * k, c, n)
-    hidden = torch.baddbmm(b2.reshape(batch * k, c, 1), w2.reshape(batch * k, c, c), hidden).relu_()
+    hidden = _activate_(hidden, negative_slope).reshape(batch * k, c, n)
+    hidden = _activate_(torch.baddbmm(b2.reshape(batch * k, c, 1), w2.reshape(batch * k, c, c), hidden),
+                        negative_slope)
     out = torch.baddbmm(b3.reshape(batch * k, 1, 1), w3.reshape(batch * k, 1, c), hidden)
     return out.reshape(batch, k, *spatial)
+
+
+def _activate_(hidden: Tensor, negative_slope: float) -> Tensor:
+    """In place: ReLU for slope 0, else leaky ReLU."""
+    return hidden.relu_() if negative_slope == 0 else F.leaky_relu_(hidden, negative_slope)
 
 
 def build_model(config: ModelConfig, embeddings: Tensor) -> UniversalModel:
@@ -256,7 +273,7 @@ def build_model(config: ModelConfig, embeddings: Tensor) -> UniversalModel:
         backbone = SwinUNETRBackbone(config.in_channels, config.feature_size, config.window_size,
                                      config.gradient_checkpointing)
     return UniversalModel(backbone, backbone.deep_channels, backbone.full_channels, embeddings,
-                          config.head_chunk_classes, config.embedding_norm)
+                          config.head_chunk_classes, config.embedding_norm, config.head_negative_slope)
 
 
 def load_embeddings(path: str | Path, class_names: Sequence[str]) -> Tensor:
