@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from universal.model import (
+    HEAD_SPLITS,
     ModelConfig,
     UniversalModel,
     apply_heads,
@@ -81,7 +82,7 @@ def test_leaky_heads_equal_the_loop_with_leaky_activations() -> None:
 def test_leaky_heads_keep_a_gradient_where_relu_units_are_all_off() -> None:
     features = torch.ones(1, 8, 1, 1, 1)
     params = torch.zeros(1, 1, 153)
-    w1, _, w3, _, b2, b3 = params[0, 0].split([64, 64, 8, 8, 8, 1])
+    w1, _, w3, _, b2, b3 = params[0, 0].split(HEAD_SPLITS)
     w1.copy_(torch.eye(8).flatten())
     b2.fill_(-1.0)  # every second-layer unit off: under ReLU the logit is b3 whatever w2 is
     w3.fill_(1.0)
@@ -91,7 +92,7 @@ def test_leaky_heads_keep_a_gradient_where_relu_units_are_all_off() -> None:
         trained = params.clone().requires_grad_(True)
         logit = apply_heads(features, trained, slope)
         logit.sum().backward()
-        gradients[slope] = trained.grad[0, 0].split([64, 64, 8, 8, 8, 1])
+        gradients[slope] = trained.grad[0, 0].split(HEAD_SPLITS)
         assert logit.item() == pytest.approx(-2.0 - 8 * slope)  # each unit: slope * (-1)
     assert gradients[0.0][1].abs().max() == 0  # w2: no gradient through dead units
     torch.testing.assert_close(gradients[0.1][1], torch.full((64,), 0.1))  # d logit / d w2[i, j] = 0.1 * h1[j]
