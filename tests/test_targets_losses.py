@@ -174,6 +174,25 @@ def test_missed_weight_changes_the_gradient_at_missed_positives_only() -> None:
         masked_bce_dice_loss(logits, targets, mask, missed_weight=0.5)
 
 
+def test_missed_channels_restrict_the_weight_to_those_classes() -> None:
+    """With the weight for channel 1 only (say, the tumours), channel 0's gradient is the original loss's and
+    channel 1's differs by (w - 1) (p - 1) / (voxels * pairs) at its missed positives."""
+    logits, targets, mask = _missed_case()
+    only_second = torch.tensor([False, True])
+    grads = []
+    for weight, channels in ((1.0, None), (50.0, only_second)):
+        x = logits.clone().requires_grad_(True)
+        masked_bce_dice_loss(x, targets, mask, missed_weight=weight, missed_channels=channels)[0].backward()
+        grads.append(x.grad)
+    missed = targets & (torch.sigmoid(logits) < MISSED_PROBABILITY)
+    assert missed[:, 0].sum() > 5 and missed[:, 1].sum() > 5
+    expected = 49 * (torch.sigmoid(logits) - 1) / (logits[0, 0].numel() * 2) * missed
+    expected[:, 0] = 0.0
+    torch.testing.assert_close(grads[1] - grads[0], expected, rtol=1e-4, atol=1e-9)
+    with pytest.raises(ValueError, match="missed_channels must be"):
+        masked_bce_dice_loss(logits, targets, mask, missed_weight=50.0, missed_channels=torch.tensor([True]))
+
+
 def test_dice_part_equals_monai_dice_loss() -> None:
     logits, targets, mask = _random_case(1)
     _, parts = masked_bce_dice_loss(logits, targets, mask, smooth=1.0)

@@ -181,6 +181,28 @@ def test_loss_options_are_checked(inputs: dict, tmp_path: Path) -> None:
         _config(inputs, tmp_path, loss_average="class")
     with pytest.raises(ValueError, match="missed_weight must be >= 1"):
         _config(inputs, tmp_path, missed_weight=0.0)
+    with pytest.raises(ValueError, match="missed_classes must be one of"):
+        _config(inputs, tmp_path, missed_classes="organs")
+
+
+def test_missed_weight_for_tumours_weighs_the_tumour_channels_only(inputs: dict, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``missed_classes: tumours`` the loss gets the batch's channels with the kidney tumour's alone marked;
+    with ``all``, no restriction."""
+    real_loss = train_module.masked_bce_dice_loss
+    seen = []
+
+    def recording_loss(logits, targets, mask, smooth, average, missed_weight, missed_channels=None):
+        seen.append((logits.shape[1], missed_weight, missed_channels))
+        return real_loss(logits, targets, mask, smooth, average, missed_weight, missed_channels)
+
+    monkeypatch.setattr(train_module, "masked_bce_dice_loss", recording_loss)
+    kidney = inputs["stores"][:1]
+    train(_config(inputs, tmp_path / "tumours", steps=1, missed_weight=50.0, missed_classes="tumours", stores=kidney))
+    train(_config(inputs, tmp_path / "all", steps=1, missed_weight=50.0, stores=kidney))
+    (channels, weight, tumours), (_, _, every) = seen
+    assert channels == 3 and weight == 50.0 and every is None  # kidney store: right, left kidney, kidney tumour
+    assert tumours.tolist() == [False, False, True]
 
 
 def test_learning_rate_schedule(inputs: dict, tmp_path: Path) -> None:

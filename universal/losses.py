@@ -8,11 +8,13 @@ from torch import Tensor
 
 DEFAULT_DICE_SMOOTH = 1.0
 LOSS_AVERAGES = ("pair", "sample")
+MISSED_CLASSES = ("all", "tumours")  # which classes' missed positives ``missed_weight`` weighs (TrainConfig)
 MISSED_PROBABILITY = 0.01  # a positive voxel predicted below this probability is "missed" (missed_weight)
 
 
 def masked_bce_dice_loss(logits: Tensor, targets: Tensor, mask: Tensor, smooth: float = DEFAULT_DICE_SMOOTH,
-                         average: str = "pair", missed_weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+                         average: str = "pair", missed_weight: float = 1.0,
+                         missed_channels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """BCE-with-logits + soft Dice, each averaged over the (sample, class) pairs where ``mask`` is true.
 
     ``logits`` (B, K, X, Y, Z) (any spatial rank), ``targets`` of the same shape (bool or float in [0, 1]),
@@ -47,6 +49,7 @@ def masked_bce_dice_loss(logits: Tensor, targets: Tensor, mask: Tensor, smooth: 
     learned to call background with logits near −12 (p ≈ 10⁻⁵), as the demo's universal model did with every
     right-kidney tumour, training cases included, stays there for hundreds of steps. The weight acts only below
     1 %, so where the loss's optimum puts a voxel at p ≥ 0.5 it is unchanged, and so are the thresholded masks.
+    ``missed_channels`` (K,) bool restricts the weight to those channels (e.g. the tumours); None: every channel.
     """
     if average not in LOSS_AVERAGES:
         raise ValueError(f"average must be one of {LOSS_AVERAGES}, got {average!r}")
@@ -56,6 +59,8 @@ def masked_bce_dice_loss(logits: Tensor, targets: Tensor, mask: Tensor, smooth: 
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ in shape")
     if mask.shape != logits.shape[:2]:
         raise ValueError(f"mask must be (B, K) = {tuple(logits.shape[:2])}, got {tuple(mask.shape)}")
+    if missed_channels is not None and missed_channels.shape != logits.shape[1:2]:
+        raise ValueError(f"missed_channels must be (K,) = ({logits.shape[1]},), got {tuple(missed_channels.shape)}")
     mask = mask.to(device=logits.device, dtype=torch.bool)
     if not mask.any():
         zero = logits.sum() * 0.0
@@ -66,6 +71,9 @@ def masked_bce_dice_loss(logits: Tensor, targets: Tensor, mask: Tensor, smooth: 
     weight = None
     if missed_weight != 1:
         missed = (truth > 0) & (torch.sigmoid(selected.detach()) < MISSED_PROBABILITY)
+        if missed_channels is not None:
+            channel = mask.nonzero()[:, 1]  # (M,) the channel of each pair
+            missed &= missed_channels.to(device=logits.device, dtype=torch.bool)[channel, None]
         weight = 1.0 + (missed_weight - 1.0) * missed.to(selected.dtype)
     bce = _average(F.binary_cross_entropy_with_logits(selected, truth, weight=weight, reduction="none").mean(dim=1),
                    sample, average)
