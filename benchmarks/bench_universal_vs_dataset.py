@@ -25,6 +25,12 @@ What runs, with the library functions the workflow's rules call:
 
 Stages whose outputs exist in ``--work`` are reused (delete the folder for a fresh run); training times come from
 ``summary.json`` then.
+
+With several ``--seeds`` each seed is a run of its own in ``--work/seed_<n>`` (its own phantoms, so its own
+training and external data, and its own models), and a last table gives every model's Dice per class averaged over
+the seeds, with the number of seeds in which the universal model is at least as good as the best dataset-specific
+model: one run can be won or lost on a class by the run-to-run spread of training (hundredths of Dice), which the
+mean over independent runs narrows.
 """
 
 from __future__ import annotations
@@ -60,18 +66,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=1200, help="training steps of the universal model")
     parser.add_argument("--spacing", type=float, default=4.0, help="store and model grid (mm, isotropic)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of the one-case inference")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="one run per seed (phantoms drawn with it); several: a table over the seeds at the end")
     parser.add_argument("--embeddings-from", type=Path, default=None,
                         help="import a precomputed table (e.g. the original's txt_encoding.pth) instead of embedding "
                              "with the random ViT-B-32 text tower")
     return parser.parse_args()
 
 
-def prepare_data(work: Path, args: argparse.Namespace, classes, catalog) -> dict[str, list]:
-    """Demo datasets -> harmonized stores; returns dataset key -> its cases."""
+def prepare_data(work: Path, seed: int, args: argparse.Namespace, classes, catalog) -> dict[str, list]:
+    """Demo datasets drawn with ``seed`` -> harmonized stores; returns dataset key -> its cases."""
     if not (work / "data" / "README.txt").exists():
         write_demo_data(work / "data", cases_per_dataset=args.cases, external_cases=args.external_cases,
-                        seed=args.seed)
+                        seed=seed)
     cases = {}
     for key in DEMO_DATASETS:
         cases[key] = find_cases(catalog[key], work / "data" / key)
@@ -133,14 +140,26 @@ def one_case_seconds(work: Path, checkpoint: Path, case, classes, settings: Infe
 
 def main() -> None:
     args = parse_args()
-    work = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     classes = load_class_table()
     catalog = load_catalog(None, classes)
-    cases = prepare_data(work, args, classes, catalog)
     train_keys = [key for key in DEMO_DATASETS if catalog[key].role == "train"]
+    means = {}
+    for seed in args.seeds:
+        work = args.work if len(args.seeds) == 1 else args.work / f"seed_{seed}"
+        print(f"\n## seed {seed} ({work})")
+        means[seed] = run_seed(work, seed, args, config, classes, catalog, train_keys)
+    if len(args.seeds) > 1:
+        report_over_seeds(means, classes, train_keys)
+
+
+def run_seed(work: Path, seed: int, args: argparse.Namespace, config: dict, classes, catalog,
+             train_keys: list[str]) -> pd.DataFrame:
+    """One run: data, the universal and the dataset-specific models, their scores and timings (``summary.json``
+    in ``work``); returns the mean Dice per class (rows) and model (columns)."""
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    cases = prepare_data(work, seed, args, classes, catalog)
     external = next(key for key in DEMO_DATASETS if catalog[key].role == "external")
     options = {**config["train"], "device": "cpu", "checkpoint_every": 300}
     summary_path = work / "summary.json"
@@ -167,6 +186,44 @@ def main() -> None:
                for name, path in checkpoints.items()}
     summary.update(report(scores, seconds, timings, classes, args, train_keys))
     summary_path.write_text(json.dumps(summary, indent=1))
+    return class_means(scores)
+
+
+def class_means(scores: pd.DataFrame) -> pd.DataFrame:
+    """Mean Dice per class (rows) and model (columns) over the external cases whose ground truth holds the class."""
+    held = scores[scores["gt_ml"] > 0]
+    return held.groupby(["model", "class"])["dice"].mean().unstack("model")
+
+
+def report_over_seeds(means: dict[int, pd.DataFrame], classes, train_keys: list[str]) -> None:
+    """Print every model's Dice per class averaged over the seeds' runs, the best dataset-specific model's by that
+    mean, and in how many runs the universal model was at least as good as that run's best specific model."""
+    seeds = list(means)
+    average = sum(means[seed] for seed in seeds) / len(seeds)
+    print(f"\n## over {len(seeds)} seeds ({', '.join(map(str, seeds))}): mean Dice per class, each seed's mean over "
+          "the external cases that hold the class\n")
+    print(f"| class | kind | universal | {' | '.join(train_keys)} | universal >= best specific (mean) | "
+          "runs with universal >= best specific |")
+    print("|---|---|---|" + "---|" * len(train_keys) + "---|---|")
+    wins = 0
+    for name in average[UNIVERSAL].dropna().index:
+        others = {key: average.at[name, key] for key in train_keys if pd.notna(average.at[name, key])}
+        best = max(others.values())
+        margin = average.at[name, UNIVERSAL] - best
+        wins += margin >= 0
+        runs = sum(means[seed].at[name, UNIVERSAL] >= max(means[seed].at[name, key] for key in others)
+                   for seed in seeds)
+        cells = " | ".join(f"{others[k]:.3f}" if k in others else "–" for k in train_keys)
+        kind = "tumour" if classes[name].is_tumour else "organ"
+        verdict = "yes" if margin >= 0 else f"no ({margin:+.3f})"
+        print(f"| {name} | {kind} | {average.at[name, UNIVERSAL]:.3f} | {cells} | {verdict} | {runs} of "
+              f"{len(seeds)} |")
+    universal = average[UNIVERSAL].dropna()
+    organs = [n for n in universal.index if not classes[n].is_tumour]
+    tumours = [n for n in universal.index if classes[n].is_tumour]
+    print(f"\nover the seeds, universal: organs {universal[organs].mean():.3f}, tumours "
+          f"{universal[tumours].mean():.3f}; at least as good as the best specific model on {wins} of "
+          f"{len(universal)} classes")
 
 
 def report(scores: pd.DataFrame, seconds: dict[str, float], timings: dict[str, float], classes, args,
@@ -179,8 +236,7 @@ def report(scores: pd.DataFrame, seconds: dict[str, float], timings: dict[str, f
     cases: a model with one false voxel on a tumour-free case would average one case more, scored 0. False alarms,
     cases without the class where a model predicts it anyway, are counted in their own column.
     """
-    held = scores[scores["gt_ml"] > 0]
-    mean = held.groupby(["model", "class"])["dice"].mean().unstack("model")
+    mean = class_means(scores)
     absent = scores[scores["gt_ml"] == 0]
     false_alarms = (absent["pred_ml"] > 0).groupby([absent["class"], absent["model"]]).sum().unstack("model")
     absent_cases = absent.groupby("class")["case_id"].nunique()
