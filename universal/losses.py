@@ -8,7 +8,6 @@ from torch import Tensor
 
 DEFAULT_DICE_SMOOTH = 1.0
 LOSS_AVERAGES = ("pair", "sample")
-MISSED_CLASSES = ("all", "tumours")  # which classes' missed positives ``missed_weight`` weighs (TrainConfig)
 MISSED_PROBABILITY = 0.01  # a positive voxel predicted below this probability is "missed" (missed_weight)
 
 

@@ -56,7 +56,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from universal.classes import ClassTable, load_class_table
 from universal.intensity import window
-from universal.losses import DEFAULT_DICE_SMOOTH, LOSS_AVERAGES, MISSED_CLASSES, masked_bce_dice_loss
+from universal.losses import DEFAULT_DICE_SMOOTH, LOSS_AVERAGES, masked_bce_dice_loss
 from universal.model import (
     CHECKPOINT_FORMAT,
     HEAD_GENERATOR,
@@ -80,6 +80,7 @@ VAL_COLUMNS = ("step", "dataset", "case_id", "class", "dice")
 MANIFEST_NAME = "training_manifest.tsv"
 AMP_MODES = ("auto", "bf16", "off")
 TRAINABLE = ("all", "heads")
+MISSED_CLASSES = ("all", "tumours")  # the classes whose missed positives missed_weight weighs
 
 
 @dataclass
