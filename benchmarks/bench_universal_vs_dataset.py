@@ -195,6 +195,19 @@ def class_means(scores: pd.DataFrame) -> pd.DataFrame:
     return held.groupby(["model", "class"])["dice"].mean().unstack("model")
 
 
+def compare_class(mean: pd.DataFrame, name: str, train_keys: list[str], classes
+                  ) -> tuple[dict[str, float], float, str, str, str]:
+    """One class of a mean-Dice table (classes x models): the dataset-specific models that predict it with their
+    Dice, the best of them (NaN if none), its kind, their table cells and the universal model's verdict."""
+    others = {key: mean.at[name, key] for key in train_keys if pd.notna(mean.at[name, key])}
+    best = max(others.values()) if others else float("nan")
+    kind = "tumour" if classes[name].is_tumour else "organ"
+    cells = " | ".join(f"{others[k]:.3f}" if k in others else "–" for k in train_keys)
+    margin = mean.at[name, UNIVERSAL] - best
+    verdict = "yes" if margin >= 0 else f"no ({margin:+.3f})"
+    return others, best, kind, cells, verdict
+
+
 def report_over_seeds(means: dict[int, pd.DataFrame], classes, train_keys: list[str]) -> None:
     """Print every model's Dice per class averaged over the seeds' runs, the best dataset-specific model's by that
     mean, and in how many runs the universal model was at least as good as that run's best specific model."""
@@ -207,15 +220,10 @@ def report_over_seeds(means: dict[int, pd.DataFrame], classes, train_keys: list[
     print("|---|---|---|" + "---|" * len(train_keys) + "---|---|")
     wins = 0
     for name in average[UNIVERSAL].dropna().index:
-        others = {key: average.at[name, key] for key in train_keys if pd.notna(average.at[name, key])}
-        best = max(others.values())
-        margin = average.at[name, UNIVERSAL] - best
-        wins += margin >= 0
+        others, best, kind, cells, verdict = compare_class(average, name, train_keys, classes)
+        wins += average.at[name, UNIVERSAL] >= best
         runs = sum(means[seed].at[name, UNIVERSAL] >= max(means[seed].at[name, key] for key in others)
                    for seed in seeds)
-        cells = " | ".join(f"{others[k]:.3f}" if k in others else "–" for k in train_keys)
-        kind = "tumour" if classes[name].is_tumour else "organ"
-        verdict = "yes" if margin >= 0 else f"no ({margin:+.3f})"
         print(f"| {name} | {kind} | {average.at[name, UNIVERSAL]:.3f} | {cells} | {verdict} | {runs} of "
               f"{len(seeds)} |")
     universal = average[UNIVERSAL].dropna()
@@ -243,12 +251,7 @@ def report(scores: pd.DataFrame, seconds: dict[str, float], timings: dict[str, f
     universal = mean[UNIVERSAL].dropna()
     rows, specific_best = [], {}
     for name in universal.index:
-        others = {key: mean.at[name, key] for key in train_keys if pd.notna(mean.at[name, key])}
-        best = max(others.values()) if others else float("nan")
-        specific_best[name] = best
-        kind = "tumour" if classes[name].is_tumour else "organ"
-        cells = " | ".join(f"{others[k]:.3f}" if k in others else "–" for k in train_keys)
-        verdict = "yes" if universal[name] >= best else f"no ({universal[name] - best:+.3f})"
+        others, specific_best[name], kind, cells, verdict = compare_class(mean, name, train_keys, classes)
         alarms = "–"
         if name in absent_cases.index:
             counts = " / ".join(f"{int(false_alarms.at[name, m])}" for m in [UNIVERSAL, *others])

@@ -66,12 +66,11 @@ def masked_bce_dice_loss(logits: Tensor, targets: Tensor, mask: Tensor, smooth: 
         return zero, {"bce": zero.detach(), "dice": zero.detach()}
     selected = logits[mask].flatten(1).float()  # (M, N) for the M annotated pairs
     truth = targets[mask].flatten(1).to(selected.dtype)
-    sample = mask.nonzero()[:, 0]  # (M,) the batch index of each pair
+    sample, channel = mask.nonzero().unbind(1)  # (M,) each the batch index and the channel of each pair
     weight = None
     if missed_weight != 1:
         missed = (truth > 0) & (torch.sigmoid(selected.detach()) < MISSED_PROBABILITY)
         if missed_channels is not None:
-            channel = mask.nonzero()[:, 1]  # (M,) the channel of each pair
             missed &= missed_channels.to(device=logits.device, dtype=torch.bool)[channel, None]
         weight = 1.0 + (missed_weight - 1.0) * missed.to(selected.dtype)
     bce = _average(F.binary_cross_entropy_with_logits(selected, truth, weight=weight, reduction="none").mean(dim=1),
