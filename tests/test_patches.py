@@ -11,6 +11,7 @@ import torch
 from universal.classes import load_class_table
 from universal.patches import (
     CaseIndex,
+    PatchCollate,
     PatchConfig,
     PatchDataset,
     PatchSampler,
@@ -19,6 +20,7 @@ from universal.patches import (
     read_patch,
 )
 from universal.store import write_case
+from universal.targets import multi_hot_targets
 from universal.volume import Volume
 
 SHAPE = (48, 48, 48)
@@ -165,6 +167,37 @@ def test_x_coordinates_follow_rotations(stores, classes) -> None:
         assert (x_mm[sample["label"] == left] < 0).all()
 
 
+def test_mirror_flips_the_patch_after_the_other_augmentations(stores, classes) -> None:
+    plain = _dataset(stores[:1], classes, rotate90_prob=1.0)
+    mirror = _dataset(stores[:1], classes, rotate90_prob=1.0, mirror_prob=1.0)
+    right, left = classes["Right Kidney"].index, classes["Left Kidney"].index
+    for i in range(4):
+        a, b = plain[i], mirror[i]
+        assert not a["mirrored"] and b["mirrored"]
+        assert torch.equal(b["image"], a["image"].flip(1))
+        assert torch.equal(b["label"], a["label"].flip(0))
+        assert torch.equal(b["x_mm"], a["x_mm"].flip(0))
+        x_mm = b["x_mm"][:, :, None].expand(32, 32, 32)  # labels keep the patient's side
+        assert (x_mm[b["label"] == right] > 0).all() and (x_mm[b["label"] == left] < 0).all()
+
+
+def test_a_mirrored_patch_supervises_its_classes_without_a_side(stores, classes) -> None:
+    plain = _dataset(stores[:1], classes, **NO_AUGMENTATION)[1]
+    mirrored = _dataset(stores[:1], classes, mirror_prob=1.0, **NO_AUGMENTATION)[1]
+    batch = PatchCollate(classes)([plain, mirrored])
+    kidneys = classes.channels(["Right Kidney", "Left Kidney", "Kidney Tumor"])
+    assert batch["mask"][:, kidneys].tolist() == [[True, True, True], [False, False, True]]
+    assert batch["mask"].sum(1).tolist() == [3, 1]
+    targets = multi_hot_targets(batch["label"], classes, batch["x_mm"], batch["midline_x_mm"], kidneys)
+    assert targets[0, 2].any() and torch.equal(targets[1], targets[0].flip(1))
+
+
+def test_mirror_prob_sets_how_often_a_patch_is_mirrored(stores, classes) -> None:
+    dataset = _dataset(stores, classes, mirror_prob=0.3, **NO_AUGMENTATION)
+    share = np.mean([dataset[i]["mirrored"] for i in range(200)])
+    assert 0.2 < share < 0.4  # binomial(200, 0.3): 4 standard deviations either side
+
+
 def test_read_patch_pads_outside_the_volume() -> None:
     array = np.arange(27, dtype=np.int16).reshape(3, 3, 3)
     patch = read_patch(array, (-1, 0, 1), (3, 3, 3), fill=-5)
@@ -175,6 +208,8 @@ def test_read_patch_pads_outside_the_volume() -> None:
 def test_config_checks() -> None:
     with pytest.raises(ValueError, match="x == y"):
         PatchConfig(patch_size=(32, 16, 32))
+    with pytest.raises(ValueError, match="mirror_prob must be a probability"):
+        PatchConfig(mirror_prob=1.5)
     with pytest.raises(ValueError, match="foreground_choice must be one of"):
         PatchConfig(foreground_choice="organ")
     assert PatchConfig.from_dict(PatchConfig().to_dict()) == PatchConfig()

@@ -5,7 +5,8 @@ every dataset equally often, the original's ``--uniform_sample``), then a case u
 is a foreground voxel of an annotated class with probability pos/(pos+neg) and a random voxel otherwise (MONAI
 RandCropByPosNegLabel, 2:1); for a case whose dataset annotates a tumour the centre is a background, organ or tumour
 voxel with ratios (1, 1, 5) (MONAI RandCropByLabelClasses). Then RandRotate90 in the axial plane, optional
-RandZoom, the intensity window, and RandShiftIntensity.
+RandZoom, the intensity window, and RandShiftIntensity. Optionally (not in the original), a left-right mirror of
+the whole patch last; a mirrored patch leaves its lateral classes unsupervised (:class:`PatchCollate`).
 
 Only the patch region is read from zarr. Foreground voxel positions are indexed once per case and process (the
 label read in full once, at most ``foreground_samples`` positions kept per label value).
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.transforms import MapTransform, RandRotate90d, RandShiftIntensityd, RandZoomd
+from monai.transforms import Flipd, MapTransform, RandRotate90d, RandShiftIntensityd, RandZoomd
 from monai.utils import convert_to_tensor
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -37,6 +38,7 @@ from universal.store import StoredCase, list_cases, open_case
 from universal.targets import annotated_mask
 
 SPATIAL_KEYS = ("image", "label", "x_mm")
+MIRROR_X = Flipd(SPATIAL_KEYS, spatial_axis=0)  # arrays are (channel, x, y, z)
 FOREGROUND_CHOICES = ("class", "voxel")
 
 
@@ -50,7 +52,11 @@ class PatchConfig:
     ``rotate90_prob``: RandRotate90 in the axial (x, y) plane. ``shift_intensity_offset``/``_prob``:
     RandShiftIntensity on the windowed [0, 1] image. ``zoom_prob``/``zoom_range``: RandZoom (0 disables; the
     original uses 0.3 and 1.3–1.5 for some MSD datasets). ``foreground_samples``: positions kept per label value
-    and case for positive centres.
+    and case for positive centres. ``mirror_prob``: probability that a patch is mirrored left-right (image, label
+    and ``x_mm`` flipped along x, after the other augmentations). The mirror shows every lateral class (one with a
+    ``side`` in the class table) where its partner lies in a real CT, so a mirrored patch does not supervise those
+    classes; the others, tumours above all, learn from both orientations: a kidney tumour seen in only one kidney
+    of the training cases is shown in the other.
     """
 
     patch_size: tuple[int, int, int] = (96, 96, 96)
@@ -66,6 +72,7 @@ class PatchConfig:
     zoom_range: tuple[float, float] = (1.3, 1.5)
     foreground_samples: int = 2000
     foreground_choice: str = "class"
+    mirror_prob: float = 0.0
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(n) for n in self.patch_size)
@@ -80,6 +87,8 @@ class PatchConfig:
             raise ValueError(f"pos/neg ratios must be >= 0 and not both 0, got {self.pos}/{self.neg}")
         if len(self.tumour_ratios) != 3 or min(self.tumour_ratios) < 0 or sum(self.tumour_ratios) <= 0:
             raise ValueError(f"tumour_ratios must be three ratios >= 0, got {self.tumour_ratios}")
+        if not 0.0 <= self.mirror_prob <= 1.0:
+            raise ValueError(f"mirror_prob must be a probability in [0, 1], got {self.mirror_prob}")
         if self.foreground_choice not in FOREGROUND_CHOICES:
             raise ValueError(f"foreground_choice must be one of {FOREGROUND_CHOICES}, got {self.foreground_choice!r}")
 
@@ -204,7 +213,10 @@ class PatchDataset(Dataset):
     ``stores``: paths of zarr training stores (one per dataset); ``weights``: per-store sampling weights (default
     equal). An item is a dict: ``image`` (1, X, Y, Z) float32 windowed to [0, 1], ``label`` (X, Y, Z) int64
     exclusive universal values, ``x_mm`` (X, Y) float32 RAS x of each column (follows rotations), ``midline_x_mm``
-    float, ``annotated`` list of class names, ``case_id`` and ``dataset`` strings.
+    float, ``annotated`` list of class names, ``mirrored`` bool, ``case_id`` and ``dataset`` strings.
+
+    Whether item i is mirrored is drawn from a generator of its own, seeded by (seed, i, 1): the patch before the
+    mirror is the same whatever ``mirror_prob`` is.
     """
 
     def __init__(self, stores: Sequence[str | Path], classes: ClassTable, config: PatchConfig,
@@ -258,9 +270,12 @@ class PatchDataset(Dataset):
                 "label": torch.from_numpy(label)[None],
                 "x_mm": torch.from_numpy(column_x_mm(index.affine, start, size))[None, :, :, None]}
         data = self._augment(data, rng)
+        mirrored = bool(np.random.default_rng([self.seed, int(item), 1]).random() < self.config.mirror_prob)
+        if mirrored:
+            data = _plain_tensors(MIRROR_X(data))
         return {"image": data["image"], "label": data["label"][0].long(), "x_mm": data["x_mm"][0, :, :, 0],
-                "midline_x_mm": index.midline_x_mm, "annotated": index.annotated, "case_id": case_id,
-                "dataset": self.stores[store].name}
+                "midline_x_mm": index.midline_x_mm, "annotated": index.annotated, "mirrored": mirrored,
+                "case_id": case_id, "dataset": self.stores[store].name}
 
     def _case(self, store: int, case_id: str) -> tuple[StoredCase, CaseIndex]:
         """The opened case and its foreground index, cached per process (worker)."""
@@ -278,7 +293,12 @@ class PatchDataset(Dataset):
         for transform in self.transforms:
             transform.set_random_state(seed=int(rng.integers(2**32)))
             data = transform(data)
-        return {k: convert_to_tensor(v, track_meta=False) for k, v in data.items()}
+        return _plain_tensors(data)
+
+
+def _plain_tensors(data: dict) -> dict[str, Tensor]:
+    """MONAI's outputs as plain tensors (no metadata tracking)."""
+    return {k: convert_to_tensor(v, track_meta=False) for k, v in data.items()}
 
 
 def _normalised_weights(weights: Sequence[float] | None, count: int) -> np.ndarray:
@@ -304,19 +324,22 @@ def _augmentations(config: PatchConfig) -> list[MapTransform]:
 
 class PatchCollate:
     """Collate patch dicts into a batch: ``image`` (B, 1, X, Y, Z), ``label`` (B, X, Y, Z) int64, ``x_mm``
-    (B, X, Y), ``midline_x_mm`` (B,), ``mask`` (B, K) bool annotated classes, and the lists ``annotated``,
-    ``case_id``, ``dataset``."""
+    (B, X, Y), ``midline_x_mm`` (B,), ``mask`` (B, K) bool supervised classes (the annotated ones, less the
+    lateral classes on a mirrored patch), and the lists ``annotated``, ``case_id``, ``dataset``."""
 
     def __init__(self, classes: ClassTable) -> None:
         self.classes = classes
+        self.lateral = torch.tensor([cls.side is not None for cls in classes], dtype=torch.bool)
 
     def __call__(self, samples: list[dict]) -> dict:
         annotated = [s["annotated"] for s in samples]
+        mirrored = torch.tensor([s["mirrored"] for s in samples], dtype=torch.bool)
+        mask = annotated_mask(annotated, self.classes) & ~(mirrored[:, None] & self.lateral[None, :])
         return {"image": torch.stack([s["image"] for s in samples]),
                 "label": torch.stack([s["label"] for s in samples]),
                 "x_mm": torch.stack([s["x_mm"] for s in samples]),
                 "midline_x_mm": torch.tensor([s["midline_x_mm"] for s in samples], dtype=torch.float32),
-                "mask": annotated_mask(annotated, self.classes),
+                "mask": mask,
                 "annotated": annotated,
                 "case_id": [s["case_id"] for s in samples],
                 "dataset": [s["dataset"] for s in samples]}
