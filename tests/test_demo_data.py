@@ -13,11 +13,12 @@ from universal.catalog import find_cases, load_catalog
 from universal.classes import load_class_table
 from universal.demo_data import DEMO_DATASETS, case_id, case_seed, raw_label, to_kits_axes, write_demo_data
 from universal.phantom import make_phantom
-from universal.volume import Volume, load_nifti
+from universal.volume import Volume, load_nifti, resample
 
 CASES = 2
 EXTERNAL_CASES = 1
 SEED = 0
+STORE_SPACING = (4.0, 4.0, 4.0)  # the demo config's store grid
 CLASSES = load_class_table()
 CATALOG = load_catalog(None, CLASSES)
 
@@ -65,7 +66,7 @@ def test_images_are_int16_hu_and_labels_uint8(demo):
             image, label = nib.load(case.image), nib.load(case.label)
             assert image.get_data_dtype() == np.int16 and label.get_data_dtype() == np.uint8
             assert image.shape == label.shape
-            assert all(64 <= n <= 96 for n in image.shape)
+            assert all(64 <= n <= 128 for n in image.shape)
 
 
 def test_raw_label_values_follow_each_dataset_convention(demo):
@@ -180,7 +181,27 @@ def test_datasets_use_different_voxel_grids():
     spacings = {spec.spacing for spec in DEMO_DATASETS.values()}
     assert len(spacings) == len(DEMO_DATASETS)
     for spec in DEMO_DATASETS.values():
-        assert all(2.0 <= s <= 5.0 for s in spec.spacing) and all(64 <= n <= 96 for n in spec.shape)
+        assert all(2.0 <= s <= 5.0 for s in spec.spacing) and all(64 <= n <= 128 for n in spec.shape)
+
+
+@pytest.mark.parametrize("key", [key for key, spec in DEMO_DATASETS.items()
+                                 if spec.spacing != STORE_SPACING and CATALOG[key].role == "train"])
+def test_the_organs_a_dataset_teaches_keep_their_volume_on_the_store_grid(key):
+    """Nearest-neighbour resampling (what harmonization does to labels) keeps each annotated organ's volume on
+    average over cases: a grid that meets the store grid at the same phase in every case biases it the same way."""
+    spec = DEMO_DATASETS[key]
+    ratios = {}
+    for position in range(3):
+        phantom = phantom_of(key, position)
+        stored = resample(Volume(phantom.label, phantom.affine), STORE_SPACING, order=0).array
+        for name in CATALOG[key].annotated_for(case_id(key, position)):
+            cls = CLASSES[name]
+            if not cls.is_tumour:
+                source_ml = (phantom.label == cls.index).sum() * np.prod(spec.spacing) / 1000
+                stored_ml = (stored == cls.index).sum() * np.prod(STORE_SPACING) / 1000
+                ratios.setdefault(name, []).append(stored_ml / source_ml)
+    biased = {name: round(float(np.mean(r)), 3) for name, r in ratios.items() if abs(np.mean(r) - 1) > 0.03}
+    assert ratios and not biased, biased
 
 
 def test_readme_names_the_seed_and_licence(demo):

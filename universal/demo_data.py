@@ -6,7 +6,7 @@ numbering, so that every adapter of the workflow runs on them as it would on the
 - ``demo_msd_liver``: MSD Task03 Liver (``dataset.json``, ``imagesTr``, ``labelsTr``; 1 liver, 2 tumour);
 - ``demo_msd_spleen``: MSD Task09 Spleen (1 spleen), 5 mm slices as in the real task;
 - ``demo_btcv``: BTCV ``RawData/Training/{img,label}`` from case 0061 on (only the 8 organs BTCV annotates
-  for cases >= 60, in BTCV numbering; tumours count as the organ they grow in);
+  for cases >= 60, in BTCV numbering; tumours count as the organ they grow in), 3 mm in-plane;
 - ``demo_kits``: KiTS19 ``case_XXXXX/{imaging,segmentation}.nii.gz`` (1 kidney, 2 tumour), stored in KiTS19's
   permuted axis order: array axes (z, y, x), axis codes ('I', 'P', 'L');
 - ``demo_external``: ``images/`` and ``labels/`` with every class in universal numbering.
@@ -55,7 +55,9 @@ class DemoDataset:
 DEMO_DATASETS = {
     "demo_msd_liver": DemoDataset((96, 80, 96), (4.0, 4.0, 4.0), 0, 0, "liver_{:d}"),
     "demo_msd_spleen": DemoDataset((96, 80, 78), (4.0, 4.0, 5.0), 400, 2, "spleen_{:d}"),
-    "demo_btcv": DemoDataset((96, 80, 96), (3.8, 3.8, 4.0), 100, 61, "{:04d}"),
+    # 3 mm in-plane: at 3.8 mm, nearest-neighbour resampling to the 4 mm store grid dropped one row in 19, at the
+    # same place in every case, and stored every left kidney 7 % too small and every oesophagus 11 % too large
+    "demo_btcv": DemoDataset((122, 101, 96), (3.0, 3.0, 4.0), 100, 61, "{:04d}"),
     "demo_kits": DemoDataset((92, 80, 96), (4.0, 4.0, 3.8), 200, 0, "{:05d}", kits_axes=True),
     "demo_external": DemoDataset((96, 80, 96), (3.9, 3.9, 4.0), 300, 0, "ext_{:03d}"),
 }
