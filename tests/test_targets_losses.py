@@ -157,21 +157,26 @@ def test_missed_positives_weigh_missed_weight_in_the_bce() -> None:
     assert parts["dice"].item() == plain["dice"].item()
 
 
-def test_missed_weight_changes_the_gradient_at_missed_positives_only() -> None:
-    """Against the original's loss the gradient differs by (w - 1) (p - 1) / (voxels * pairs) at missed positives
-    and nowhere else: confident and near-miss positives and all negatives are left as they were."""
+@pytest.mark.parametrize("below", [MISSED_PROBABILITY, 0.3])
+def test_missed_weight_changes_the_gradient_at_missed_positives_only(below: float) -> None:
+    """Against the original's loss the gradient differs by (w - 1) (p - 1) / (voxels * pairs) at the positives
+    predicted below ``missed_below`` and nowhere else: confident and near-miss positives and all negatives are left
+    as they were. At 1 % the positives at logit -2 (p = 0.12) are near misses; at 0.3 they are missed."""
     logits, targets, mask = _missed_case()
     grads = []
     for weight in (1.0, 50.0):
         x = logits.clone().requires_grad_(True)
-        masked_bce_dice_loss(x, targets, mask, missed_weight=weight)[0].backward()
+        masked_bce_dice_loss(x, targets, mask, missed_weight=weight, missed_below=below)[0].backward()
         grads.append(x.grad)
-    missed = targets & (torch.sigmoid(logits) < MISSED_PROBABILITY)
+    missed = targets & (torch.sigmoid(logits) < below)
+    assert (missed & (logits == -2.0)).any() == (below > 0.12)
     expected = 49 * (torch.sigmoid(logits) - 1) / (logits[0, 0].numel() * 2) * missed
     torch.testing.assert_close(grads[1] - grads[0], expected, rtol=1e-4, atol=1e-9)
     assert (grads[1] - grads[0])[~missed].abs().max() < 1e-9
     with pytest.raises(ValueError, match="missed_weight"):
         masked_bce_dice_loss(logits, targets, mask, missed_weight=0.5)
+    with pytest.raises(ValueError, match="missed_below"):
+        masked_bce_dice_loss(logits, targets, mask, missed_weight=50.0, missed_below=0.0)
 
 
 def test_missed_channels_restrict_the_weight_to_those_classes() -> None:

@@ -183,26 +183,31 @@ def test_loss_options_are_checked(inputs: dict, tmp_path: Path) -> None:
         _config(inputs, tmp_path, missed_weight=0.0)
     with pytest.raises(ValueError, match="missed_classes must be one of"):
         _config(inputs, tmp_path, missed_classes="organs")
+    for below in (0.0, 0.6):
+        with pytest.raises(ValueError, match="missed_below must be in"):
+            _config(inputs, tmp_path, missed_below=below)
 
 
 def test_missed_weight_for_tumours_weighs_the_tumour_channels_only(inputs: dict, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """With ``missed_classes: tumours`` the loss gets the batch's channels with the kidney tumour's alone marked;
-    with ``all``, no restriction."""
+    with ``all``, no restriction; ``missed_below`` reaches the loss as set."""
     real_loss = train_module.masked_bce_dice_loss
     seen = []
 
-    def recording_loss(logits, targets, mask, smooth, average, missed_weight, missed_channels=None):
-        seen.append((logits.shape[1], missed_weight, missed_channels))
-        return real_loss(logits, targets, mask, smooth, average, missed_weight, missed_channels)
+    def recording_loss(logits, targets, mask, smooth, average, missed_weight, missed_channels, missed_below):
+        seen.append((logits.shape[1], missed_weight, missed_channels, missed_below))
+        return real_loss(logits, targets, mask, smooth, average, missed_weight, missed_channels, missed_below)
 
     monkeypatch.setattr(train_module, "masked_bce_dice_loss", recording_loss)
     kidney = inputs["stores"][:1]
-    train(_config(inputs, tmp_path / "tumours", steps=1, missed_weight=50.0, missed_classes="tumours", stores=kidney))
+    train(_config(inputs, tmp_path / "tumours", steps=1, missed_weight=50.0, missed_classes="tumours",
+                  missed_below=0.2, stores=kidney))
     train(_config(inputs, tmp_path / "all", steps=1, missed_weight=50.0, stores=kidney))
-    (channels, weight, tumours), (_, _, every) = seen
+    (channels, weight, tumours, below), (_, _, every, default_below) = seen
     assert channels == 3 and weight == 50.0 and every is None  # kidney store: right, left kidney, kidney tumour
     assert tumours.tolist() == [False, False, True]
+    assert below == 0.2 and default_below == 0.01
 
 
 def test_learning_rate_schedule(inputs: dict, tmp_path: Path) -> None:

@@ -8,12 +8,13 @@ from torch import Tensor
 
 DEFAULT_DICE_SMOOTH = 1.0
 LOSS_AVERAGES = ("pair", "sample")
-MISSED_PROBABILITY = 0.01  # a positive voxel predicted below this probability is "missed" (missed_weight)
+MISSED_PROBABILITY = 0.01  # default of missed_below: a positive voxel predicted below it is "missed" (missed_weight)
 
 
 def masked_bce_dice_loss(logits: Tensor, targets: Tensor, mask: Tensor, smooth: float = DEFAULT_DICE_SMOOTH,
                          average: str = "pair", missed_weight: float = 1.0,
-                         missed_channels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                         missed_channels: Tensor | None = None,
+                         missed_below: float = MISSED_PROBABILITY) -> tuple[Tensor, dict[str, Tensor]]:
     """BCE-with-logits + soft Dice, each averaged over the (sample, class) pairs where ``mask`` is true.
 
     ``logits`` (B, K, X, Y, Z) (any spatial rank), ``targets`` of the same shape (bool or float in [0, 1]),
@@ -43,17 +44,20 @@ def masked_bce_dice_loss(logits: Tensor, targets: Tensor, mask: Tensor, smooth: 
     averaged by sample 1/2, as in a batch of its own dataset alone.
 
     ``missed_weight`` (≥ 1; 1, the original's, changes nothing): the BCE of a positive voxel whose probability is
-    below ``MISSED_PROBABILITY`` is multiplied by it (the weight is a constant, not differentiated). Such a voxel
-    gets no Dice gradient (∝ p(1 − p)) and a BCE gradient of 1/N of the pair's N voxels: a tumour that a head has
-    learned to call background with logits near −12 (p ≈ 10⁻⁵), as the demo's universal model did with every
-    right-kidney tumour, training cases included, stays there for hundreds of steps. The weight acts only below
-    1 %, so where the loss's optimum puts a voxel at p ≥ 0.5 it is unchanged, and so are the thresholded masks.
-    ``missed_channels`` (K,) bool restricts the weight to those channels (e.g. the tumours); None: every channel.
+    below ``missed_below`` (a probability in (0, 0.5]; 1 % by default) is multiplied by it (the weight is a
+    constant, not differentiated). Such a voxel gets no Dice gradient (∝ p(1 − p)) and a BCE gradient of 1/N of
+    the pair's N voxels: a tumour that a head has learned to call background with logits near −12 (p ≈ 10⁻⁵), as
+    the demo's universal model did with every right-kidney tumour, training cases included, stays there for
+    hundreds of steps. The weight acts only below ``missed_below`` ≤ 0.5, so where the loss's optimum puts a voxel
+    at p ≥ 0.5 it is unchanged, and so are the thresholded masks. ``missed_channels`` (K,) bool restricts the
+    weight to those channels (e.g. the tumours); None: every channel.
     """
     if average not in LOSS_AVERAGES:
         raise ValueError(f"average must be one of {LOSS_AVERAGES}, got {average!r}")
     if missed_weight < 1:
         raise ValueError(f"missed_weight must be >= 1, got {missed_weight}")
+    if not 0.0 < missed_below <= 0.5:
+        raise ValueError(f"missed_below must be in (0, 0.5], got {missed_below}")
     if logits.shape != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ in shape")
     if mask.shape != logits.shape[:2]:
@@ -69,7 +73,7 @@ def masked_bce_dice_loss(logits: Tensor, targets: Tensor, mask: Tensor, smooth: 
     sample, channel = mask.nonzero().unbind(1)  # (M,) each the batch index and the channel of each pair
     weight = None
     if missed_weight != 1:
-        missed = (truth > 0) & (torch.sigmoid(selected.detach()) < MISSED_PROBABILITY)
+        missed = (truth > 0) & (torch.sigmoid(selected.detach()) < missed_below)
         if missed_channels is not None:
             missed &= missed_channels.to(device=logits.device, dtype=torch.bool)[channel, None]
         weight = 1.0 + (missed_weight - 1.0) * missed.to(selected.dtype)

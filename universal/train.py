@@ -56,7 +56,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from universal.classes import ClassTable, load_class_table
 from universal.intensity import window
-from universal.losses import DEFAULT_DICE_SMOOTH, LOSS_AVERAGES, masked_bce_dice_loss
+from universal.losses import DEFAULT_DICE_SMOOTH, LOSS_AVERAGES, MISSED_PROBABILITY, masked_bce_dice_loss
 from universal.model import (
     CHECKPOINT_FORMAT,
     HEAD_GENERATOR,
@@ -103,8 +103,9 @@ class TrainConfig:
     ``val_overlap`` (rank 0 only; Dice per annotated class in ``val_log.csv``). ``loss_average``: how the loss
     weighs the annotated (sample, class) pairs of a batch, ``"pair"`` (each alike, as the original) or
     ``"sample"`` (each sample alike; :func:`universal.losses.masked_bce_dice_loss`). ``missed_weight``: the
-    BCE weight of positive voxels predicted below 1 % (1: the original's loss; see that function), for the
-    classes of ``missed_classes``: ``"all"`` or ``"tumours"`` (organ positives then keep the original's weight).
+    BCE weight of positive voxels predicted below ``missed_below`` (a probability, 1 % by default; 1: the
+    original's loss; see that function), for the classes of ``missed_classes``: ``"all"`` or ``"tumours"`` (organ
+    positives then keep the original's weight).
     """
 
     stores: list[str]
@@ -127,6 +128,7 @@ class TrainConfig:
     loss_average: str = "pair"
     missed_weight: float = 1.0
     missed_classes: str = "all"
+    missed_below: float = MISSED_PROBABILITY
     checkpoint_every: int = 1_000
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -153,6 +155,8 @@ class TrainConfig:
             raise ValueError(f"missed_weight must be >= 1, got {self.missed_weight}")
         if self.missed_classes not in MISSED_CLASSES:
             raise ValueError(f"missed_classes must be one of {MISSED_CLASSES}, got {self.missed_classes!r}")
+        if not 0.0 < self.missed_below <= 0.5:
+            raise ValueError(f"missed_below must be in (0, 0.5], got {self.missed_below}")
         if self.val_every < 0 or self.val_cases < 0 or not 0.0 <= self.val_overlap < 1.0:
             raise ValueError("val_every and val_cases must be >= 0 and val_overlap in [0, 1)")
         self.embeddings, self.out_dir = str(self.embeddings), str(self.out_dir)
@@ -385,7 +389,8 @@ def train_step(model: nn.Module, batch: dict, classes: ClassTable, optimizer: to
     if config.missed_classes == "tumours":
         missed_channels = torch.tensor([classes.classes[c].is_tumour for c in active.tolist()], device=device)
     loss, parts = masked_bce_dice_loss(logits.float(), targets, mask[:, active], config.dice_smooth,
-                                       config.loss_average, config.missed_weight, missed_channels)
+                                       config.loss_average, config.missed_weight, missed_channels,
+                                       config.missed_below)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.grad_clip)
