@@ -54,10 +54,7 @@ def masked_bce_dice_loss(logits: Tensor, targets: Tensor, mask: Tensor, smooth: 
     """
     if average not in LOSS_AVERAGES:
         raise ValueError(f"average must be one of {LOSS_AVERAGES}, got {average!r}")
-    if missed_weight < 1:
-        raise ValueError(f"missed_weight must be >= 1, got {missed_weight}")
-    if not 0.0 < missed_below <= 0.5:
-        raise ValueError(f"missed_below must be in (0, 0.5], got {missed_below}")
+    check_missed_options(missed_weight, missed_below)
     if logits.shape != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ in shape")
     if mask.shape != logits.shape[:2]:
@@ -84,6 +81,14 @@ def masked_bce_dice_loss(logits: Tensor, targets: Tensor, mask: Tensor, smooth: 
             if present.any() else bce * 0.0)
     total = bce + dice
     return total, {"bce": bce.detach(), "dice": dice.detach()}
+
+
+def check_missed_options(missed_weight: float, missed_below: float) -> None:
+    """Raise ValueError unless ``missed_weight`` ≥ 1 and ``missed_below`` is a probability in (0, 0.5]."""
+    if missed_weight < 1:
+        raise ValueError(f"missed_weight must be >= 1, got {missed_weight}")
+    if not 0.0 < missed_below <= 0.5:
+        raise ValueError(f"missed_below must be in (0, 0.5], got {missed_below}")
 
 
 def soft_dice_loss(logits: Tensor, targets: Tensor, smooth: float = DEFAULT_DICE_SMOOTH) -> Tensor:

@@ -56,7 +56,13 @@ from torch.utils.tensorboard import SummaryWriter
 
 from universal.classes import ClassTable, load_class_table
 from universal.intensity import window
-from universal.losses import DEFAULT_DICE_SMOOTH, LOSS_AVERAGES, MISSED_PROBABILITY, masked_bce_dice_loss
+from universal.losses import (
+    DEFAULT_DICE_SMOOTH,
+    LOSS_AVERAGES,
+    MISSED_PROBABILITY,
+    check_missed_options,
+    masked_bce_dice_loss,
+)
 from universal.model import (
     CHECKPOINT_FORMAT,
     HEAD_GENERATOR,
@@ -151,12 +157,9 @@ class TrainConfig:
             raise ValueError(f"generator_lr_scale must be > 0, got {self.generator_lr_scale}")
         if self.loss_average not in LOSS_AVERAGES:
             raise ValueError(f"loss_average must be one of {LOSS_AVERAGES}, got {self.loss_average!r}")
-        if self.missed_weight < 1:
-            raise ValueError(f"missed_weight must be >= 1, got {self.missed_weight}")
+        check_missed_options(self.missed_weight, self.missed_below)
         if self.missed_classes not in MISSED_CLASSES:
             raise ValueError(f"missed_classes must be one of {MISSED_CLASSES}, got {self.missed_classes!r}")
-        if not 0.0 < self.missed_below <= 0.5:
-            raise ValueError(f"missed_below must be in (0, 0.5], got {self.missed_below}")
         if self.val_every < 0 or self.val_cases < 0 or not 0.0 <= self.val_overlap < 1.0:
             raise ValueError("val_every and val_cases must be >= 0 and val_overlap in [0, 1)")
         self.embeddings, self.out_dir = str(self.embeddings), str(self.out_dir)
