@@ -68,14 +68,14 @@ def measure(name: str, options: dict, args: argparse.Namespace, device: torch.de
     train_config = TrainConfig(stores=["unused"], embeddings="unused", out_dir="unused", batch_size=args.batch)
     batch = random_batch(classes, args.batch, args.patch, device)
     cuda = device.type == "cuda"
-    for step in range(args.warmup):
-        train_step(model, batch, classes, optimizer, train_config, device, options["amp"], step)
+    for _ in range(args.warmup):
+        train_step(model, batch, classes, optimizer, train_config, device, options["amp"])
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     began = time.perf_counter()
-    losses = [train_step(model, batch, classes, optimizer, train_config, device, options["amp"],
-                         args.warmup + step)["loss"] for step in range(args.steps)]
+    losses = [train_step(model, batch, classes, optimizer, train_config, device, options["amp"])["loss"]
+              for _ in range(args.steps)]
     if cuda:
         torch.cuda.synchronize(device)
     seconds = (time.perf_counter() - began) / args.steps

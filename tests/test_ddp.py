@@ -65,7 +65,7 @@ def _first_step_losses(config: TrainConfig, world_size: int) -> list[float]:
     model.train()
     frozen = torch.optim.SGD(model.parameters(), lr=0.0)
     return [train_step(model, PatchCollate(classes)([dataset[r]]), classes, frozen, config, torch.device("cpu"),
-                       None, step=0)["loss"] for r in range(world_size)]
+                       None)["loss"] for r in range(world_size)]
 
 
 def test_torchrun_two_cpu_processes(inputs: dict, tmp_path: Path) -> None:

@@ -186,8 +186,6 @@ def test_loss_options_are_checked(inputs: dict, tmp_path: Path) -> None:
     for below in (0.0, 0.6):
         with pytest.raises(ValueError, match="missed_below must be in"):
             _config(inputs, tmp_path, missed_below=below)
-    with pytest.raises(ValueError, match="missed_from_step must be >= 0"):
-        _config(inputs, tmp_path, missed_from_step=-1)
 
 
 def test_missed_weight_for_tumours_weighs_the_tumour_channels_only(inputs: dict, tmp_path: Path,
@@ -210,26 +208,6 @@ def test_missed_weight_for_tumours_weighs_the_tumour_channels_only(inputs: dict,
     assert channels == 3 and weight == 50.0 and every is None  # kidney store: right, left kidney, kidney tumour
     assert tumours.tolist() == [False, False, True]
     assert below == 0.2 and default_below == 0.01
-
-
-def test_missed_weight_starts_at_missed_from_step(inputs: dict, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """Steps before ``missed_from_step`` train with the original's loss (weight 1), the later ones with
-    ``missed_weight``; a run resumed after the switch keeps the weight."""
-    real_loss = train_module.masked_bce_dice_loss
-    weights = []
-
-    def recording_loss(logits, targets, mask, smooth, average, missed_weight, missed_channels, missed_below):
-        weights.append(missed_weight)
-        return real_loss(logits, targets, mask, smooth, average, missed_weight, missed_channels, missed_below)
-
-    monkeypatch.setattr(train_module, "masked_bce_dice_loss", recording_loss)
-    options = {"missed_weight": 50.0, "missed_from_step": 2, "stores": inputs["stores"][:1], "checkpoint_every": 3}
-    train(_config(inputs, tmp_path, steps=3, **options))
-    assert weights == [1.0, 1.0, 50.0]
-    weights.clear()
-    train(_config(inputs, tmp_path, steps=5, **options))  # resumes from step 3
-    assert weights == [50.0, 50.0]
 
 
 def test_learning_rate_schedule(inputs: dict, tmp_path: Path) -> None:

@@ -111,8 +111,7 @@ class TrainConfig:
     ``"sample"`` (each sample alike; :func:`universal.losses.masked_bce_dice_loss`). ``missed_weight``: the
     BCE weight of positive voxels predicted below ``missed_below`` (a probability, 1 % by default; 1: the
     original's loss; see that function), for the classes of ``missed_classes``: ``"all"`` or ``"tumours"`` (organ
-    positives then keep the original's weight), from optimizer step ``missed_from_step`` on (0-based; the steps
-    before it train with the original's loss).
+    positives then keep the original's weight).
     """
 
     stores: list[str]
@@ -136,7 +135,6 @@ class TrainConfig:
     missed_weight: float = 1.0
     missed_classes: str = "all"
     missed_below: float = MISSED_PROBABILITY
-    missed_from_step: int = 0
     checkpoint_every: int = 1_000
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -162,8 +160,6 @@ class TrainConfig:
         check_missed_options(self.missed_weight, self.missed_below)
         if self.missed_classes not in MISSED_CLASSES:
             raise ValueError(f"missed_classes must be one of {MISSED_CLASSES}, got {self.missed_classes!r}")
-        if self.missed_from_step < 0:
-            raise ValueError(f"missed_from_step must be >= 0, got {self.missed_from_step}")
         if self.val_every < 0 or self.val_cases < 0 or not 0.0 <= self.val_overlap < 1.0:
             raise ValueError("val_every and val_cases must be >= 0 and val_overlap in [0, 1)")
         self.embeddings, self.out_dir = str(self.embeddings), str(self.out_dir)
@@ -378,10 +374,8 @@ def _read_rows(path: Path, up_to_step: int) -> list[dict]:
 
 
 def train_step(model: nn.Module, batch: dict, classes: ClassTable, optimizer: torch.optim.Optimizer,
-               config: TrainConfig, device: torch.device, amp: torch.dtype | None, step: int
-               ) -> dict[str, float]:
-    """Optimizer step ``step`` (0-based) on a collated batch; only heads of classes annotated in the batch are
-    computed.
+               config: TrainConfig, device: torch.device, amp: torch.dtype | None) -> dict[str, float]:
+    """One optimizer step on a collated batch; only heads of classes annotated in the batch are computed.
 
     ``model`` is a :class:`UniversalModel` or its DistributedDataParallel wrapper. Returns the loss, its BCE and Dice
     parts (of this process's batch) and the gradient norm before clipping (of the trainable parameters).
@@ -394,12 +388,11 @@ def train_step(model: nn.Module, batch: dict, classes: ClassTable, optimizer: to
                                 channels=active.cpu())
     with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
         logits = model(image, classes=active.tolist())
-    missed_weight = config.missed_weight if step >= config.missed_from_step else 1.0
     missed_channels = None
     if config.missed_classes == "tumours":
         missed_channels = torch.tensor([classes.classes[c].is_tumour for c in active.tolist()], device=device)
     loss, parts = masked_bce_dice_loss(logits.float(), targets, mask[:, active], config.dice_smooth,
-                                       config.loss_average, missed_weight, missed_channels,
+                                       config.loss_average, config.missed_weight, missed_channels,
                                        config.missed_below)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -645,7 +638,7 @@ def _train(config: TrainConfig, env: DistributedEnv, device: torch.device) -> Pa
             lr = lr_at_step(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)  # absent in checkpoints of earlier versions
-            row = train_step(net, next(batches), classes, optimizer, config, device, amp, step)
+            row = train_step(net, next(batches), classes, optimizer, config, device, amp)
             row = _mean_over_ranks(row, ("loss", "bce", "dice"), device, world_size)
             if log is not None:
                 log.write({"step": step + 1, "lr": lr, "seconds": time.perf_counter() - began, **row})
