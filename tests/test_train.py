@@ -13,7 +13,8 @@ from synthetic import write_sphere_case
 
 import universal.train as train_module
 from universal.classes import load_class_table
-from universal.model import ModelConfig, load_checkpoint
+from universal.cpu_bf16 import convolution_cases, weight_gradient_error
+from universal.model import ModelConfig, build_model, load_checkpoint
 from universal.patches import PatchConfig
 from universal.train import (
     TrainConfig,
@@ -41,7 +42,8 @@ def inputs(tmp_path_factory) -> dict:
         write_sphere_case(root / f"{name}.zarr", f"{name}_0", classes, spheres, rng, name)
         stores.append(str(root / f"{name}.zarr"))
     embeddings = root / "prompts.pt"
-    torch.save({"embeddings": torch.randn(len(classes), 512), "class_names": classes.names,
+    fixed = torch.Generator().manual_seed(0)  # the same embeddings whichever tests ran before
+    torch.save({"embeddings": torch.randn(len(classes), 512, generator=fixed), "class_names": classes.names,
                 "prompts": classes.prompts, "encoder": {"model": "random"}}, embeddings)
     return {"stores": stores, "embeddings": str(embeddings)}
 
@@ -167,8 +169,32 @@ def test_validation_keeps_resumed_losses(inputs: dict, tmp_path: Path) -> None:
 
 
 def test_bf16_autocast_on_cpu_runs(inputs: dict, tmp_path: Path) -> None:
-    train(_config(inputs, tmp_path, steps=2, amp="auto", bf16_on_cpu=True))
+    # 48-voxel patches: the U-Net's levels are 48, 24, 12, 6 and 3 voxels deep, none of them 2 (see below)
+    train(_config(inputs, tmp_path, steps=2, amp="auto", bf16_on_cpu=True, patches=PatchConfig(patch_size=(48,) * 3)))
     assert all(np.isfinite(float(loss)) for _, loss in _losses(tmp_path))
+    weights = torch.load(tmp_path / "final.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+
+
+def test_bf16_check_finds_the_convolutions_of_a_training_batch() -> None:
+    model = build_model(ModelConfig(backbone="unet", features=(8, 8, 16, 16, 32, 8)), torch.zeros(3, 512))
+    cases = {case.name: case for case in convolution_cases(model, (2, 1, 32, 32, 32))}
+    assert cases["backbone.conv_0.conv_0.conv"].input_shape == (2, 1, 32, 32, 32)
+    assert cases["backbone.down_4.convs.conv_0.conv"].input_shape == (2, 16, 2, 2, 2)
+    assert cases["backbone.down_4.convs.conv_0.conv"].weight_shape == (32, 16, 3, 3, 3)
+    assert cases["backbone.upcat_4.upsample.deconv"].transposed
+    assert weight_gradient_error(cases["backbone.conv_0.conv_0.conv"]) < 0.01  # bf16 rounding, about 0.003
+
+
+def test_bf16_on_cpu_refuses_a_patch_whose_gradients_the_cpu_gets_wrong(inputs: dict, tmp_path: Path) -> None:
+    model = build_model(ModelConfig(backbone="unet", features=(8, 8, 16, 16, 32, 8)), torch.zeros(3, 512))
+    bottom = {case.name: case for case in convolution_cases(model, (2, 1, 32, 32, 32))}
+    if weight_gradient_error(bottom["backbone.down_4.convs.conv_0.conv"]) < 0.05:
+        pytest.skip("this CPU's bf16 convolutions get the 2-voxel-deep U-Net level right")
+    with pytest.raises(ValueError, match=r"for batches of \[2, 1, 32, 32, 32\]: .*backbone\.down_4\.convs\.conv_0"
+                                         r"\.conv on \[2, 16, 2, 2, 2\]"):
+        train(_config(inputs, tmp_path / "run", steps=2, amp="auto", bf16_on_cpu=True))
+    assert not (tmp_path / "run").exists()
 
 
 def test_generator_lr_scale_must_be_positive(inputs: dict, tmp_path: Path) -> None:

@@ -55,6 +55,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from universal.classes import ClassTable, load_class_table
+from universal.cpu_bf16 import check_bf16_training_on_cpu
 from universal.intensity import window
 from universal.losses import (
     DEFAULT_DICE_SMOOTH,
@@ -99,11 +100,13 @@ class TrainConfig:
     ``batch_size`` patches. ``lr`` peaks after ``warmup_steps`` (linear from lr/warmup_steps), then decays by a
     cosine to ``min_lr`` at ``steps``; the head generator (``text_to_vision``, ``controller``) trains at
     ``generator_lr_scale`` times that rate. ``amp``: ``"auto"`` (bf16 autocast on CUDA, and on CPU when
-    ``bf16_on_cpu``), ``"bf16"`` (always) or ``"off"``. ``device``: ``"auto"`` (CUDA if available), ``"cpu"``,
-    ``"cuda"`` (under torchrun: GPU ``LOCAL_RANK``). ``checkpoint_every``: steps between resumable checkpoints, of
-    which ``keep_checkpoints`` are kept. ``init_checkpoint``: a trained model (``final.pt`` or a step checkpoint) to
-    fine-tune from, at step 0 with a fresh optimizer (see the module docstring); a run that already has checkpoints
-    in ``out_dir`` resumes from them instead. ``trainable``: ``"all"`` or ``"heads"`` (backbone frozen; needs
+    ``bf16_on_cpu``), ``"bf16"`` (always) or ``"off"``; bf16 on the CPU first checks that the CPU's bfloat16
+    convolutions get this model's weight gradients right on a training batch (:mod:`universal.cpu_bf16`).
+    ``device``: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"`` (under torchrun: GPU ``LOCAL_RANK``).
+    ``checkpoint_every``: steps between resumable checkpoints, of which ``keep_checkpoints`` are kept.
+    ``init_checkpoint``: a trained model (``final.pt`` or a step checkpoint) to fine-tune from, at step 0 with a
+    fresh optimizer (see the module docstring); a run that already has checkpoints in ``out_dir`` resumes from them
+    instead. ``trainable``: ``"all"`` or ``"heads"`` (backbone frozen; needs
     ``init_checkpoint``). ``val_stores``: zarr stores of held-out cases, of which at most ``val_cases`` per store
     are evaluated every ``val_every`` steps and at the end (0: never) by sliding-window inference with
     ``val_overlap`` (rank 0 only; Dice per annotated class in ``val_log.csv``). ``loss_average``: how the loss
@@ -592,12 +595,14 @@ def _train(config: TrainConfig, env: DistributedEnv, device: torch.device) -> Pa
     rank, world_size = env.rank, env.world_size
     main = rank == 0
     out_dir = Path(config.out_dir)
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
     amp = autocast_dtype(config, device)
     classes = load_class_table(config.class_table, include=config.include_classes)
     resume = _rank0_choice(latest_checkpoint(out_dir) if main else None, world_size)
     model, optimizer, extra = _prepare_model(config, classes, device, resume, verbose=main)
+    if amp is not None and device.type == "cpu":
+        check_bf16_training_on_cpu(model, (config.batch_size, config.model.in_channels, *config.patches.patch_size))
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     init = extra.get("init")
     start = int(extra.get("step", 0))
     if main and resume is not None:
