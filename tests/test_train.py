@@ -197,6 +197,21 @@ def test_bf16_on_cpu_refuses_a_patch_whose_gradients_the_cpu_gets_wrong(inputs: 
     assert not (tmp_path / "run").exists()
 
 
+def test_diverging_run_skips_nonfinite_steps_then_stops(inputs: dict, tmp_path: Path) -> None:
+    # lr 1e30: step 1 throws every weight to ~1e29, and from step 2 on the forward pass overflows to NaN
+    with pytest.raises(RuntimeError, match=r"step 4: 3 steps in a row \(from step 2\).*max_nonfinite_steps = 2"):
+        train(_config(inputs, tmp_path, steps=8, lr=1e30, max_nonfinite_steps=2))
+    assert [step for step, _ in _losses(tmp_path)] == [1, 2, 3, 4]
+    assert np.isfinite(float(_losses(tmp_path)[0][1])) and all(loss == "nan" for _, loss in _losses(tmp_path)[1:])
+    after_step_1 = torch.load(tmp_path / "checkpoints" / "step_00000003.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(tensor).all() for tensor in after_step_1.values())  # clipping by NaN never applied
+
+
+def test_max_nonfinite_steps_must_not_be_negative(inputs: dict, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="max_nonfinite_steps must be >= 0, got -1"):
+        _config(inputs, tmp_path, max_nonfinite_steps=-1)
+
+
 def test_generator_lr_scale_must_be_positive(inputs: dict, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="generator_lr_scale"):
         _config(inputs, tmp_path, generator_lr_scale=0.0)

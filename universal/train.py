@@ -102,6 +102,8 @@ class TrainConfig:
     ``generator_lr_scale`` times that rate. ``amp``: ``"auto"`` (bf16 autocast on CUDA, and on CPU when
     ``bf16_on_cpu``), ``"bf16"`` (always) or ``"off"``; bf16 on the CPU first checks that the CPU's bfloat16
     convolutions get this model's weight gradients right on a training batch (:mod:`universal.cpu_bf16`).
+    ``max_nonfinite_steps``: steps in a row whose gradient norm is inf or NaN (each skipped, weights and optimizer
+    state unchanged) before training stops with an error.
     ``device``: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"`` (under torchrun: GPU ``LOCAL_RANK``).
     ``checkpoint_every``: steps between resumable checkpoints, of which ``keep_checkpoints`` are kept.
     ``init_checkpoint``: a trained model (``final.pt`` or a step checkpoint) to fine-tune from, at step 0 with a
@@ -133,6 +135,7 @@ class TrainConfig:
     weight_decay: float = 1e-5
     generator_lr_scale: float = 1.0
     grad_clip: float = 1.0
+    max_nonfinite_steps: int = 10
     dice_smooth: float = DEFAULT_DICE_SMOOTH
     loss_average: str = "pair"
     missed_weight: float = 1.0
@@ -178,6 +181,8 @@ class TrainConfig:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:
             raise ValueError("steps, batch_size, checkpoint_every and keep_checkpoints must be >= 1")
+        if self.max_nonfinite_steps < 0:
+            raise ValueError(f"max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
 
     def to_dict(self) -> dict:
         """JSON-able dict with nested ``model`` and ``patches`` dicts."""
@@ -381,7 +386,10 @@ def train_step(model: nn.Module, batch: dict, classes: ClassTable, optimizer: to
     """One optimizer step on a collated batch; only heads of classes annotated in the batch are computed.
 
     ``model`` is a :class:`UniversalModel` or its DistributedDataParallel wrapper. Returns the loss, its BCE and Dice
-    parts (of this process's batch) and the gradient norm before clipping (of the trainable parameters).
+    parts (of this process's batch) and the gradient norm before clipping (of the trainable parameters). A step
+    whose gradient norm is not finite leaves the weights and the optimizer state as they were: clipping by an inf
+    or NaN norm would turn every weight into NaN. Under DDP the norm is of the averaged gradients, so every process
+    skips the same steps.
     """
     image = batch["image"].to(device, non_blocking=True)
     label = batch["label"].to(device, non_blocking=True)
@@ -400,9 +408,24 @@ def train_step(model: nn.Module, batch: dict, classes: ClassTable, optimizer: to
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.grad_clip)
-    optimizer.step()
+    if torch.isfinite(grad_norm):
+        optimizer.step()
     return {"loss": loss.item(), "bce": parts["bce"].item(), "dice": parts["dice"].item(),
             "grad_norm": float(grad_norm)}
+
+
+def _skipped_step(step: int, in_a_row: int, row: dict[str, float], limit: int, verbose: bool) -> None:
+    """Report optimizer step ``step`` (1-based), skipped for a non-finite gradient norm, the ``in_a_row``-th in a
+    row; raise RuntimeError once more than ``limit`` steps in a row were skipped."""
+    if verbose:
+        print(f"[train] step {step}: gradient norm {row['grad_norm']} (loss {row['loss']}); step skipped, weights "
+              f"unchanged ({in_a_row} in a row)", file=sys.stderr)
+    if in_a_row > limit:
+        raise RuntimeError(
+            f"training stopped at step {step}: {in_a_row} steps in a row (from step {step - in_a_row + 1}) had a "
+            f"non-finite gradient norm (the last: loss {row['loss']}), more than max_nonfinite_steps = {limit}; the "
+            "weights are those from before them. Lower the learning rate, check the training data, or train with "
+            "amp: off")
 
 
 def dice_score(pred: torch.Tensor, truth: torch.Tensor) -> float:
@@ -637,6 +660,7 @@ def _train(config: TrainConfig, env: DistributedEnv, device: torch.device) -> Pa
     model.train()
     if config.trainable == "heads":
         model.backbone.eval()
+    nonfinite = 0  # steps in a row with a non-finite gradient norm, each skipped
     try:
         for step in range(start, config.steps):
             began = time.perf_counter()
@@ -647,6 +671,9 @@ def _train(config: TrainConfig, env: DistributedEnv, device: torch.device) -> Pa
             row = _mean_over_ranks(row, ("loss", "bce", "dice"), device, world_size)
             if log is not None:
                 log.write({"step": step + 1, "lr": lr, "seconds": time.perf_counter() - began, **row})
+            nonfinite = 0 if math.isfinite(row["grad_norm"]) else nonfinite + 1
+            if nonfinite:
+                _skipped_step(step + 1, nonfinite, row, config.max_nonfinite_steps, verbose=main)
             if validating and ((step + 1) % config.val_every == 0 or step + 1 == config.steps):
                 _write_val_rows(val_log, validate(model, config, classes, device, amp, step + 1, trained), step + 1)
             if main and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
