@@ -27,6 +27,7 @@ from universal.train import (
 )
 
 SHAPE = (40, 40, 40)
+TINY_UNET = ModelConfig(backbone="unet", features=(8, 8, 16, 16, 32, 8))
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def inputs(tmp_path_factory) -> dict:
 
 def _config(inputs: dict, out_dir: Path, **changes) -> TrainConfig:
     options = {"stores": inputs["stores"], "embeddings": inputs["embeddings"], "out_dir": str(out_dir),
-               "model": ModelConfig(backbone="unet", features=(8, 8, 16, 16, 32, 8)),
+               "model": TINY_UNET,
                "patches": PatchConfig(patch_size=(32, 32, 32)), "batch_size": 2, "steps": 6, "warmup_steps": 2,
                "lr": 1e-3, "checkpoint_every": 3, "num_workers": 0, "amp": "off", "device": "cpu"}
     return TrainConfig(**{**options, **changes})
@@ -176,9 +177,14 @@ def test_bf16_autocast_on_cpu_runs(inputs: dict, tmp_path: Path) -> None:
     assert all(torch.isfinite(tensor).all() for tensor in weights.values())
 
 
+def _convolutions_at_32() -> dict:
+    """The convolutions of the tests' U-Net on a batch of two 32³ patches, by module name."""
+    model = build_model(TINY_UNET, torch.zeros(3, 512))
+    return {case.name: case for case in convolution_cases(model, (2, 1, 32, 32, 32))}
+
+
 def test_bf16_check_finds_the_convolutions_of_a_training_batch() -> None:
-    model = build_model(ModelConfig(backbone="unet", features=(8, 8, 16, 16, 32, 8)), torch.zeros(3, 512))
-    cases = {case.name: case for case in convolution_cases(model, (2, 1, 32, 32, 32))}
+    cases = _convolutions_at_32()
     assert cases["backbone.conv_0.conv_0.conv"].input_shape == (2, 1, 32, 32, 32)
     assert cases["backbone.down_4.convs.conv_0.conv"].input_shape == (2, 16, 2, 2, 2)
     assert cases["backbone.down_4.convs.conv_0.conv"].weight_shape == (32, 16, 3, 3, 3)
@@ -187,9 +193,7 @@ def test_bf16_check_finds_the_convolutions_of_a_training_batch() -> None:
 
 
 def test_bf16_on_cpu_refuses_a_patch_whose_gradients_the_cpu_gets_wrong(inputs: dict, tmp_path: Path) -> None:
-    model = build_model(ModelConfig(backbone="unet", features=(8, 8, 16, 16, 32, 8)), torch.zeros(3, 512))
-    bottom = {case.name: case for case in convolution_cases(model, (2, 1, 32, 32, 32))}
-    if weight_gradient_error(bottom["backbone.down_4.convs.conv_0.conv"]) < 0.05:
+    if weight_gradient_error(_convolutions_at_32()["backbone.down_4.convs.conv_0.conv"]) < 0.05:
         pytest.skip("this CPU's bf16 convolutions get the 2-voxel-deep U-Net level right")
     with pytest.raises(ValueError, match=r"for batches of \[2, 1, 32, 32, 32\]: .*backbone\.down_4\.convs\.conv_0"
                                          r"\.conv on \[2, 16, 2, 2, 2\]"):

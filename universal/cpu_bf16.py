@@ -78,17 +78,14 @@ def weight_gradient_error(case: ConvolutionCase) -> float:
     generator = torch.Generator().manual_seed(0)
     image = torch.randn(case.input_shape, generator=generator)
     weight = torch.randn(case.weight_shape, generator=generator)
-    gradients = []
-    upstream = None
-    for dtype in (torch.float32, torch.bfloat16):
-        leaf = weight.to(dtype, copy=True).requires_grad_()
-        output = _convolve(case, image.to(dtype), leaf)
-        if upstream is None:
-            upstream = torch.randn(output.shape, generator=generator)
-        output.backward(upstream.to(dtype))
-        gradients.append(leaf.grad.float())
-    reference, bf16 = gradients
-    return float(torch.linalg.vector_norm(bf16 - reference) / torch.linalg.vector_norm(reference))
+    reference = weight.clone().requires_grad_()
+    output = _convolve(case, image, reference)
+    upstream = torch.randn(output.shape, generator=generator)
+    output.backward(upstream)
+    bf16 = weight.to(torch.bfloat16).requires_grad_()
+    _convolve(case, image.to(torch.bfloat16), bf16).backward(upstream.to(torch.bfloat16))
+    difference = bf16.grad.float() - reference.grad
+    return float(torch.linalg.vector_norm(difference) / torch.linalg.vector_norm(reference.grad))
 
 
 def _convolve(case: ConvolutionCase, image: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -99,11 +96,16 @@ def _convolve(case: ConvolutionCase, image: torch.Tensor, weight: torch.Tensor) 
     return F.conv3d(image, weight, None, case.stride, case.padding, case.dilation, case.groups)
 
 
+def convolution_errors(model: nn.Module, input_shape: Sequence[int]) -> list[tuple[ConvolutionCase, float]]:
+    """Every distinct convolution ``model`` runs on batches of ``input_shape`` (B, C, X, Y, Z voxels) with the
+    relative error of its bfloat16 weight gradient on this CPU (:func:`weight_gradient_error`)."""
+    return [(case, weight_gradient_error(case)) for case in convolution_cases(model, input_shape)]
+
+
 def check_bf16_training_on_cpu(model: nn.Module, input_shape: Sequence[int]) -> None:
     """Raise ValueError when this CPU's bfloat16 convolutions get a weight gradient of ``model`` wrong on batches
     of ``input_shape`` (B, C, X, Y, Z voxels), naming each such layer, its input shape and the way out."""
-    wrong = [(case, error) for case in convolution_cases(model, input_shape)
-             if not (error := weight_gradient_error(case)) < TOLERANCE]
+    wrong = [(case, error) for case, error in convolution_errors(model, input_shape) if not error < TOLERANCE]
     if wrong:
         layers = "; ".join(f"{case.name} on {list(case.input_shape)} (relative error {error:.3g})"
                            for case, error in wrong)

@@ -407,11 +407,10 @@ def train_step(model: nn.Module, batch: dict, classes: ClassTable, optimizer: to
                                        config.missed_below)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.grad_clip)
-    if torch.isfinite(grad_norm):
+    grad_norm = float(nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.grad_clip))
+    if math.isfinite(grad_norm):
         optimizer.step()
-    return {"loss": loss.item(), "bce": parts["bce"].item(), "dice": parts["dice"].item(),
-            "grad_norm": float(grad_norm)}
+    return {"loss": loss.item(), "bce": parts["bce"].item(), "dice": parts["dice"].item(), "grad_norm": grad_norm}
 
 
 def _skipped_step(step: int, in_a_row: int, row: dict[str, float], limit: int, verbose: bool) -> None:
