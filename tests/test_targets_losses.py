@@ -1,4 +1,5 @@
-"""Tests of universal.targets (multi-hot targets, side rule, annotated mask) and universal.losses."""
+"""Tests of universal.targets (multi-hot targets, side rule, annotated mask, exclusion negatives) and
+universal.losses."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from monai.losses import DiceLoss
 
 from universal.classes import load_class_table
 from universal.losses import MISSED_PROBABILITY, masked_bce_dice_loss
-from universal.targets import annotated_mask, multi_hot_targets
+from universal.targets import annotated_mask, exclusion_tables, known_negatives, multi_hot_targets
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,43 @@ def test_annotated_mask(classes) -> None:
     assert mask.shape == (2, len(classes)) and mask.dtype == torch.bool
     assert mask[0].nonzero().flatten().tolist() == [classes.channel("Liver"), classes.channel("Liver Tumor")]
     assert mask[1].nonzero().flatten().tolist() == [classes.channel("Spleen")]  # disabled rows are ignored
+
+
+def test_exclusion_tables_know_which_classes_a_voxel_is_not(classes) -> None:
+    right, left = exclusion_tables(classes, classes.max_index + 1)
+
+    def excludes(value: str, channel: str, table=right) -> bool:
+        return bool(table[classes.channel(channel), _value(classes, value)])
+
+    assert right.shape == (len(classes), classes.max_index + 1)
+    assert excludes("Liver", "Stomach") and excludes("Liver Tumor", "Stomach") and excludes("Liver", "Kidney Tumor")
+    assert not excludes("Liver", "Liver") and not excludes("Liver Tumor", "Liver")  # itself, its parent
+    assert not excludes("Liver", "Liver Tumor")  # an organ-only label may hide a tumour
+    assert excludes("Liver Tumor", "Hepatic Vessel Tumor")  # one voxel, one tumour
+    assert not excludes("Right Kidney", "Kidney Tumor") and not excludes("Left Kidney", "Kidney Tumor", left)
+    # a kidney tumour's voxel is its side's kidney, not the other one
+    assert excludes("Kidney Tumor", "Left Kidney", right) and not excludes("Kidney Tumor", "Right Kidney", right)
+    assert excludes("Kidney Tumor", "Right Kidney", left) and not excludes("Kidney Tumor", "Left Kidney", left)
+    assert not right[:, 0].any() and not left[:, 0].any()  # background says nothing
+
+
+def test_known_negatives_of_a_liver_sample_and_a_btcv_like_sample(classes) -> None:
+    label = torch.zeros(2, 4, 2, 1, dtype=torch.uint8)
+    label[0, 0] = _value(classes, "Liver")
+    label[0, 1] = _value(classes, "Liver Tumor")
+    label[1, 0] = _value(classes, "Liver")
+    label[1, 1] = _value(classes, "Stomach")
+    label[1, 2] = _value(classes, "Spleen")  # a spleen voxel in a sample that does not annotate the spleen
+    annotated = annotated_mask([["Liver", "Liver Tumor"], ["Liver", "Stomach"]], classes)
+    names = ["Liver", "Liver Tumor", "Stomach", "Spleen"]
+    known = known_negatives(label, classes, torch.zeros(2, 4), torch.zeros(2), annotated, classes.channels(names))
+    assert known.shape == (2, 4, 4, 2, 1) and known.dtype == torch.bool
+    per_row = known[:, :, :, 0, 0].tolist()  # (sample, channel, x)
+    # sample 0 annotates liver and liver tumour: its liver and tumour voxels are neither stomach nor spleen
+    assert per_row[0] == [[False] * 4, [False] * 4, [True, True, False, False], [True, True, False, False]]
+    # sample 1: stomach voxels are not a liver tumour, liver voxels may be one; the spleen voxel is not labelled
+    # by a class the sample annotates, so it excludes nothing (and background never does)
+    assert per_row[1] == [[False] * 4, [False, True, False, False], [False] * 4, [True, True, False, False]]
 
 
 def _random_case(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -237,6 +275,42 @@ def test_unannotated_classes_get_exactly_zero_gradient() -> None:
     grad = logits.grad.flatten(2).abs().sum(dim=2)
     assert (grad[~mask] == 0).all()
     assert (grad[mask] > 0).all()
+
+
+@pytest.mark.parametrize("average", ["pair", "sample"])
+def test_known_negatives_add_bce_pairs_on_their_voxels_only(average: str) -> None:
+    logits, targets, mask = _random_case(4)
+    negatives = torch.zeros_like(targets)
+    negatives[0, 1, :3] = True  # sample 0 does not annotate class 1: half its x range is known not to be it
+    negatives[0, 0] = True  # annotated pairs ignore their negatives: their targets say it all
+    logits.requires_grad_(True)
+    total, parts = masked_bce_dice_loss(logits, targets, mask, average=average, negatives=negatives)
+    total.backward()
+    grad = logits.grad
+    assert (grad[0, 1, :3] > 0).all()  # pushed towards 0
+    assert (grad[0, 1, 3:] == 0).all() and (grad[1, 0] == 0).all()  # unknown voxels, untouched pair
+    _, plain_parts = masked_bce_dice_loss(logits.detach(), targets, mask, average=average)
+    assert parts["dice"].item() == pytest.approx(plain_parts["dice"].item())
+    voxels = logits[0, 1].numel()
+    extra = (F.softplus(logits[0, 1, :3].detach().double())).sum().item() / voxels
+    annotated = [F.binary_cross_entropy_with_logits(logits[b, k].detach(), targets[b, k].float()).item()
+                 for b, k in mask.nonzero().tolist()]
+    if average == "pair":  # four annotated pairs and one of known negatives, each alike
+        expected = (sum(annotated) + extra) / 5
+    else:  # sample 0: its two annotated pairs and the negatives pair; sample 1: its two pairs
+        expected = ((annotated[0] + annotated[1] + extra) / 3 + (annotated[2] + annotated[3]) / 2) / 2
+    assert parts["bce"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_known_negatives_alone_give_a_loss() -> None:
+    logits, targets, _ = _random_case(5)
+    negatives = torch.zeros_like(targets)
+    negatives[1, 2, 0, 0, 0] = True
+    total, parts = masked_bce_dice_loss(logits, targets, torch.zeros(2, 3, dtype=torch.bool), negatives=negatives)
+    expected = F.softplus(logits[1, 2, 0, 0, 0]).item() / logits[1, 2].numel()
+    assert total.item() == pytest.approx(expected, rel=1e-5) and parts["dice"].item() == 0.0
+    with pytest.raises(ValueError, match="negatives"):
+        masked_bce_dice_loss(logits, targets, torch.zeros(2, 3, dtype=torch.bool), negatives=negatives[:, :2])
 
 
 def test_no_annotated_class_gives_zero_loss() -> None:

@@ -240,9 +240,11 @@ def test_missed_weight_for_tumours_weighs_the_tumour_channels_only(inputs: dict,
     real_loss = train_module.masked_bce_dice_loss
     seen = []
 
-    def recording_loss(logits, targets, mask, smooth, average, missed_weight, missed_channels, missed_below):
+    def recording_loss(logits, targets, mask, smooth, average, missed_weight, missed_channels, missed_below,
+                       negatives):
         seen.append((logits.shape[1], missed_weight, missed_channels, missed_below))
-        return real_loss(logits, targets, mask, smooth, average, missed_weight, missed_channels, missed_below)
+        return real_loss(logits, targets, mask, smooth, average, missed_weight, missed_channels, missed_below,
+                         negatives)
 
     monkeypatch.setattr(train_module, "masked_bce_dice_loss", recording_loss)
     kidney = inputs["stores"][:1]
@@ -253,6 +255,35 @@ def test_missed_weight_for_tumours_weighs_the_tumour_channels_only(inputs: dict,
     assert channels == 3 and weight == 50.0 and every is None  # kidney store: right, left kidney, kidney tumour
     assert tumours.tolist() == [False, False, True]
     assert below == 0.2 and default_below == 0.01
+
+
+@pytest.mark.parametrize("exclusion", [False, True])
+def test_exclusion_negatives_run_every_trained_head_on_known_voxels(inputs: dict, tmp_path: Path, exclusion: bool,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``exclusion_negatives`` every step runs the four trained heads, and a class a sample does not annotate
+    gets as known negatives the voxels of the classes it does (in these stores each excludes the other store's);
+    without, only the batch's annotated heads run and the loss gets no negatives."""
+    real_loss = train_module.masked_bce_dice_loss
+    seen = []
+
+    def recording_loss(logits, targets, mask, *options):
+        seen.append((logits.shape[1], targets, mask, options[-1]))
+        return real_loss(logits, targets, mask, *options)
+
+    monkeypatch.setattr(train_module, "masked_bce_dice_loss", recording_loss)
+    train(_config(inputs, tmp_path, steps=3, exclusion_negatives=exclusion))
+    for channels, targets, mask, negatives in seen:
+        if not exclusion:
+            assert negatives is None and channels == int(mask.any(dim=0).sum())
+            continue
+        assert channels == 4  # right kidney, left kidney, liver, kidney tumour
+        for sample in range(mask.shape[0]):
+            labelled = targets[sample][mask[sample]].any(dim=0)
+            assert labelled.any()
+            for channel in range(channels):
+                expected = torch.zeros_like(labelled) if mask[sample, channel] else labelled
+                assert torch.equal(negatives[sample, channel], expected)
+    assert len(seen) == 3 and (not exclusion or any((~mask).any() for _, _, mask, _ in seen))
 
 
 def test_learning_rate_schedule(inputs: dict, tmp_path: Path) -> None:

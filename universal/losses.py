@@ -14,7 +14,8 @@ MISSED_PROBABILITY = 0.01  # default of missed_below: a positive voxel predicted
 def masked_bce_dice_loss(logits: Tensor, targets: Tensor, mask: Tensor, smooth: float = DEFAULT_DICE_SMOOTH,
                          average: str = "pair", missed_weight: float = 1.0,
                          missed_channels: Tensor | None = None,
-                         missed_below: float = MISSED_PROBABILITY) -> tuple[Tensor, dict[str, Tensor]]:
+                         missed_below: float = MISSED_PROBABILITY,
+                         negatives: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """BCE-with-logits + soft Dice, each averaged over the (sample, class) pairs where ``mask`` is true.
 
     ``logits`` (B, K, X, Y, Z) (any spatial rank), ``targets`` of the same shape (bool or float in [0, 1]),
@@ -51,6 +52,12 @@ def masked_bce_dice_loss(logits: Tensor, targets: Tensor, mask: Tensor, smooth: 
     hundreds of steps. The weight acts only below ``missed_below`` ≤ 0.5, so where the loss's optimum puts a voxel
     at p ≥ 0.5 it is unchanged, and so are the thresholded masks. ``missed_channels`` (K,) bool restricts the
     weight to those channels (e.g. the tumours); None: every channel.
+
+    ``negatives`` (B, K, X, Y, Z) bool, optional: voxels known not to be the class, for pairs outside ``mask``
+    (:func:`universal.targets.known_negatives`; the exclusion loss of Shi et al., MedIA 2021, not in the
+    original). Each such pair with a known voxel adds a BCE pair towards 0 over those voxels only, summed and
+    divided by the pair's voxel count N (a known voxel weighs what it would in an annotated pair), averaged with
+    the annotated pairs; unknown voxels still get zero gradient, and the Dice is unchanged.
     """
     if average not in LOSS_AVERAGES:
         raise ValueError(f"average must be one of {LOSS_AVERAGES}, got {average!r}")
@@ -61,8 +68,13 @@ def masked_bce_dice_loss(logits: Tensor, targets: Tensor, mask: Tensor, smooth: 
         raise ValueError(f"mask must be (B, K) = {tuple(logits.shape[:2])}, got {tuple(mask.shape)}")
     if missed_channels is not None and missed_channels.shape != logits.shape[1:2]:
         raise ValueError(f"missed_channels must be (K,) = ({logits.shape[1]},), got {tuple(missed_channels.shape)}")
+    if negatives is not None and negatives.shape != logits.shape:
+        raise ValueError(f"negatives {tuple(negatives.shape)} and logits {tuple(logits.shape)} differ in shape")
     mask = mask.to(device=logits.device, dtype=torch.bool)
-    if not mask.any():
+    if negatives is not None:
+        negatives = negatives.to(logits.device).bool() & ~mask.reshape(*mask.shape, *[1] * (logits.ndim - 2))
+        excluded = negatives.flatten(2).any(dim=2)  # (B, K): unannotated pairs with a known negative voxel
+    if not mask.any() and (negatives is None or not excluded.any()):
         zero = logits.sum() * 0.0
         return zero, {"bce": zero.detach(), "dice": zero.detach()}
     selected = logits[mask].flatten(1).float()  # (M, N) for the M annotated pairs
@@ -74,8 +86,14 @@ def masked_bce_dice_loss(logits: Tensor, targets: Tensor, mask: Tensor, smooth: 
         if missed_channels is not None:
             missed &= missed_channels.to(device=logits.device, dtype=torch.bool)[channel, None]
         weight = 1.0 + (missed_weight - 1.0) * missed.to(selected.dtype)
-    bce = _average(F.binary_cross_entropy_with_logits(selected, truth, weight=weight, reduction="none").mean(dim=1),
-                   sample, average)
+    pair_bce = F.binary_cross_entropy_with_logits(selected, truth, weight=weight, reduction="none").mean(dim=1)
+    pair_sample = sample
+    if negatives is not None and excluded.any():
+        outside = logits[excluded].flatten(1).float()
+        known = negatives[excluded].flatten(1).to(outside.dtype)
+        pair_bce = torch.cat([pair_bce, (F.softplus(outside) * known).sum(dim=1) / outside.shape[1]])
+        pair_sample = torch.cat([sample, excluded.nonzero()[:, 0]])
+    bce = _average(pair_bce, pair_sample, average)
     present = truth.amax(dim=1) > 0
     dice = (_average(soft_dice_loss(selected[present], truth[present], smooth), sample[present], average)
             if present.any() else bce * 0.0)

@@ -38,6 +38,56 @@ def membership_tables(classes: ClassTable, num_values: int) -> tuple[Tensor, Ten
     return right, left
 
 
+def exclusion_tables(classes: ClassTable, num_values: int) -> tuple[Tensor, Tensor]:
+    """Lookup tables (K, num_values) bool: entry [k, v] says a voxel labelled v is known not to be class k, on the
+    patient's right (first table) and left (second table).
+
+    A voxel of class v is not class k when v does not count for k (:func:`membership_tables`) and v is not one of
+    k's parents: an organ's voxel may hold a tumour that a dataset labelling the organ alone did not mark, so it
+    says nothing about the organ's tumours. Background (0) and values outside the table are known to be nothing.
+    A bilateral tumour's voxel on the right counts for the right organ, so it excludes the left one.
+    """
+    right, left = membership_tables(classes, num_values)
+    parent = torch.zeros_like(right)  # [k, v]: class v is a parent of class k
+    for channel, cls in enumerate(classes):
+        for parent_name in cls.parents:
+            if classes[parent_name].index < num_values:
+                parent[channel, classes[parent_name].index] = True
+    is_class = torch.zeros(num_values, dtype=torch.bool)
+    is_class[[cls.index for cls in classes if cls.index < num_values]] = True
+    return ~right & ~parent & is_class, ~left & ~parent & is_class
+
+
+def known_negatives(label: Tensor, classes: ClassTable, x_mm: Tensor, midline_x_mm: Tensor, annotated: Tensor,
+                    channels: Sequence[int] | Tensor) -> Tensor:
+    """Voxels (B, K, X, Y, Z) bool known not to be the class of each of ``channels`` (K = len(channels)), for the
+    classes a sample's dataset does not annotate: the exclusion negatives of a partially labelled sample.
+
+    ``label`` (B, X, Y, Z) exclusive label maps; ``x_mm`` and ``midline_x_mm`` as for :func:`multi_hot_targets`;
+    ``annotated`` (B, K_all) bool, the classes each sample annotates (:func:`annotated_mask`). For channel k that
+    sample b does not annotate, a voxel is a known negative when its label is a class b annotates that excludes k
+    (:func:`exclusion_tables`): in a liver dataset every liver and liver-tumour voxel is known not to be stomach.
+    Channels a sample annotates are all False here: their full targets come from :func:`multi_hot_targets`.
+    """
+    if label.ndim != 4:
+        raise ValueError(f"label must be (B, X, Y, Z), got shape {tuple(label.shape)}")
+    if annotated.shape != (label.shape[0], len(classes)):
+        raise ValueError(f"annotated must be (B, K) = ({label.shape[0]}, {len(classes)}), got {tuple(annotated.shape)}")
+    label = label.long()
+    num_values = max(classes.max_index, int(label.max()) if label.numel() else 0) + 1
+    channels = torch.as_tensor(channels, dtype=torch.long)
+    right_table, left_table = (t[channels].to(label.device) for t in exclusion_tables(classes, num_values))
+    value_annotated = torch.zeros(label.shape[0], num_values, dtype=torch.bool)
+    values = torch.tensor([cls.index for cls in classes], dtype=torch.long)
+    value_annotated[:, values] = annotated.cpu().bool()
+    is_right = _right_side(x_mm.to(label.device), midline_x_mm.to(label.device), label.shape)
+    excluded = torch.where(is_right.unsqueeze(0), right_table[:, label], left_table[:, label])  # (K, B, X, Y, Z)
+    batch = torch.arange(label.shape[0], device=label.device).reshape(-1, 1, 1, 1)
+    labelled = value_annotated.to(label.device)[batch, label]  # (B, X, Y, Z): the voxel's class is annotated
+    unannotated = ~annotated.to(label.device).bool()[:, channels.to(label.device)]  # (B, K)
+    return excluded.transpose(0, 1) & labelled.unsqueeze(1) & unannotated[:, :, None, None, None]
+
+
 def multi_hot_targets(label: Tensor, classes: ClassTable, x_mm: Tensor, midline_x_mm: Tensor,
                       channels: Sequence[int] | Tensor | None = None) -> Tensor:
     """Multi-hot targets (B, K, X, Y, Z) bool for exclusive label maps ``label`` (B, X, Y, Z) (any integer dtype).

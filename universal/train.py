@@ -79,7 +79,7 @@ from universal.model import (
 from universal.patches import PatchConfig, PatchDataset, patch_loader
 from universal.settings import known_keys
 from universal.store import list_cases, open_case
-from universal.targets import multi_hot_targets
+from universal.targets import known_negatives, multi_hot_targets
 from universal.tsv import write_tsv
 
 CSV_COLUMNS = ("step", "loss", "bce", "dice", "lr", "seconds", "grad_norm")
@@ -116,7 +116,9 @@ class TrainConfig:
     ``"sample"`` (each sample alike; :func:`universal.losses.masked_bce_dice_loss`). ``missed_weight``: the
     BCE weight of positive voxels predicted below ``missed_below`` (a probability, 1 % by default; 1: the
     original's loss; see that function), for the classes of ``missed_classes``: ``"all"`` or ``"tumours"`` (organ
-    positives then keep the original's weight).
+    positives then keep the original's weight). ``exclusion_negatives``: every step runs the heads of all trained
+    classes, and a class a sample's dataset does not annotate learns 0 on the voxels labelled with a class that
+    excludes it (:func:`universal.targets.known_negatives`; off: the original's rule, unannotated means unknown).
     """
 
     stores: list[str]
@@ -141,6 +143,7 @@ class TrainConfig:
     missed_weight: float = 1.0
     missed_classes: str = "all"
     missed_below: float = MISSED_PROBABILITY
+    exclusion_negatives: bool = False
     checkpoint_every: int = 1_000
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -382,8 +385,11 @@ def _read_rows(path: Path, up_to_step: int) -> list[dict]:
 
 
 def train_step(model: nn.Module, batch: dict, classes: ClassTable, optimizer: torch.optim.Optimizer,
-               config: TrainConfig, device: torch.device, amp: torch.dtype | None) -> dict[str, float]:
-    """One optimizer step on a collated batch; only heads of classes annotated in the batch are computed.
+               config: TrainConfig, device: torch.device, amp: torch.dtype | None,
+               exclusion_channels: list[int] | None = None) -> dict[str, float]:
+    """One optimizer step on a collated batch; only heads of classes annotated in the batch are computed, and with
+    ``exclusion_channels`` (class-table channels; ``config.exclusion_negatives``) those too, supervised by their
+    known negatives where the batch does not annotate them.
 
     ``model`` is a :class:`UniversalModel` or its DistributedDataParallel wrapper. Returns the loss, its BCE and Dice
     parts (of this process's batch) and the gradient norm before clipping (of the trainable parameters). A step
@@ -394,9 +400,14 @@ def train_step(model: nn.Module, batch: dict, classes: ClassTable, optimizer: to
     image = batch["image"].to(device, non_blocking=True)
     label = batch["label"].to(device, non_blocking=True)
     mask = batch["mask"].to(device)
-    active = mask.any(dim=0).nonzero().flatten()
-    targets = multi_hot_targets(label, classes, batch["x_mm"].to(device), batch["midline_x_mm"].to(device),
-                                channels=active.cpu())
+    active = mask.any(dim=0)
+    if exclusion_channels is not None:
+        active[exclusion_channels] = True
+    active = active.nonzero().flatten()
+    x_mm, midline_x_mm = batch["x_mm"].to(device), batch["midline_x_mm"].to(device)
+    targets = multi_hot_targets(label, classes, x_mm, midline_x_mm, channels=active.cpu())
+    negatives = (known_negatives(label, classes, x_mm, midline_x_mm, mask, active.cpu())
+                 if exclusion_channels is not None else None)
     with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
         logits = model(image, classes=active.tolist())
     missed_channels = None
@@ -404,7 +415,7 @@ def train_step(model: nn.Module, batch: dict, classes: ClassTable, optimizer: to
         missed_channels = torch.tensor([classes.classes[c].is_tumour for c in active.tolist()], device=device)
     loss, parts = masked_bce_dice_loss(logits.float(), targets, mask[:, active], config.dice_smooth,
                                        config.loss_average, config.missed_weight, missed_channels,
-                                       config.missed_below)
+                                       config.missed_below, negatives)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = float(nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.grad_clip))
@@ -650,6 +661,11 @@ def _train(config: TrainConfig, env: DistributedEnv, device: torch.device) -> Pa
     val_log = out_dir / "val_log.csv"
     validating = main and config.val_every > 0 and bool(config.val_stores)
     trained = trained_classes(manifest, classes, init)
+    if world_size > 1:  # the manifest is rank 0's; every rank runs the same heads
+        shared = [trained]
+        dist.broadcast_object_list(shared, src=0)
+        trained = shared[0]
+    exclusion_channels = classes.channels(trained) if config.exclusion_negatives else None
     if validating and val_log.exists():  # drop rows of steps a resumed run redoes
         kept = _read_rows(val_log, start)
         with val_log.open("w", newline="") as f:
@@ -666,7 +682,7 @@ def _train(config: TrainConfig, env: DistributedEnv, device: torch.device) -> Pa
             lr = lr_at_step(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)  # absent in checkpoints of earlier versions
-            row = train_step(net, next(batches), classes, optimizer, config, device, amp)
+            row = train_step(net, next(batches), classes, optimizer, config, device, amp, exclusion_channels)
             row = _mean_over_ranks(row, ("loss", "bce", "dice"), device, world_size)
             if log is not None:
                 log.write({"step": step + 1, "lr": lr, "seconds": time.perf_counter() - began, **row})
