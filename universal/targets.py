@@ -69,23 +69,17 @@ def known_negatives(label: Tensor, classes: ClassTable, x_mm: Tensor, midline_x_
     (:func:`exclusion_tables`): in a liver dataset every liver and liver-tumour voxel is known not to be stomach.
     Channels a sample annotates are all False here: their full targets come from :func:`multi_hot_targets`.
     """
-    if label.ndim != 4:
-        raise ValueError(f"label must be (B, X, Y, Z), got shape {tuple(label.shape)}")
+    label, num_values = _checked_label(label, classes)
     if annotated.shape != (label.shape[0], len(classes)):
         raise ValueError(f"annotated must be (B, K) = ({label.shape[0]}, {len(classes)}), got {tuple(annotated.shape)}")
-    label = label.long()
-    num_values = max(classes.max_index, int(label.max()) if label.numel() else 0) + 1
     channels = torch.as_tensor(channels, dtype=torch.long)
-    right_table, left_table = (t[channels].to(label.device) for t in exclusion_tables(classes, num_values))
+    excluded = _by_side(exclusion_tables(classes, num_values), channels, label, x_mm, midline_x_mm)
     value_annotated = torch.zeros(label.shape[0], num_values, dtype=torch.bool)
-    values = torch.tensor([cls.index for cls in classes], dtype=torch.long)
-    value_annotated[:, values] = annotated.cpu().bool()
-    is_right = _right_side(x_mm.to(label.device), midline_x_mm.to(label.device), label.shape)
-    excluded = torch.where(is_right.unsqueeze(0), right_table[:, label], left_table[:, label])  # (K, B, X, Y, Z)
+    value_annotated[:, [cls.index for cls in classes]] = annotated.cpu().bool()
     batch = torch.arange(label.shape[0], device=label.device).reshape(-1, 1, 1, 1)
     labelled = value_annotated.to(label.device)[batch, label]  # (B, X, Y, Z): the voxel's class is annotated
     unannotated = ~annotated.to(label.device).bool()[:, channels.to(label.device)]  # (B, K)
-    return excluded.transpose(0, 1) & labelled.unsqueeze(1) & unannotated[:, :, None, None, None]
+    return excluded & labelled.unsqueeze(1) & unannotated[:, :, None, None, None]
 
 
 def multi_hot_targets(label: Tensor, classes: ClassTable, x_mm: Tensor, midline_x_mm: Tensor,
@@ -98,17 +92,28 @@ def multi_hot_targets(label: Tensor, classes: ClassTable, x_mm: Tensor, midline_
     ``channels`` (class-table channel indices) returns only those channels, in that order (K = len(channels)):
     training needs the annotated classes of a batch only, and each channel costs a pass over the label map.
     """
+    label, num_values = _checked_label(label, classes)
+    selected = None if channels is None else torch.as_tensor(channels, dtype=torch.long)
+    return _by_side(membership_tables(classes, num_values), selected, label, x_mm, midline_x_mm).contiguous()
+
+
+def _checked_label(label: Tensor, classes: ClassTable) -> tuple[Tensor, int]:
+    """``label`` (B, X, Y, Z) as int64, and the size of a lookup table that covers its values and the class table."""
     if label.ndim != 4:
         raise ValueError(f"label must be (B, X, Y, Z), got shape {tuple(label.shape)}")
     label = label.long()
-    num_values = max(classes.max_index, int(label.max()) if label.numel() else 0) + 1
-    tables = membership_tables(classes, num_values)
+    return label, max(classes.max_index, int(label.max()) if label.numel() else 0) + 1
+
+
+def _by_side(tables: tuple[Tensor, Tensor], channels: Tensor | None, label: Tensor, x_mm: Tensor,
+             midline_x_mm: Tensor) -> Tensor:
+    """Look every voxel of ``label`` (B, X, Y, Z) up in the right or left table (K_all, num_values) by the side of
+    the midline it lies on; rows ``channels`` only (None: all). Returns (B, K, X, Y, Z) bool."""
     if channels is not None:
-        tables = tuple(t[torch.as_tensor(channels, dtype=torch.long)] for t in tables)
+        tables = tuple(t[channels] for t in tables)
     right_table, left_table = (t.to(label.device) for t in tables)
     is_right = _right_side(x_mm.to(label.device), midline_x_mm.to(label.device), label.shape)
-    targets = torch.where(is_right.unsqueeze(0), right_table[:, label], left_table[:, label])  # (K, B, X, Y, Z)
-    return targets.transpose(0, 1).contiguous()
+    return torch.where(is_right.unsqueeze(0), right_table[:, label], left_table[:, label]).transpose(0, 1)
 
 
 def _right_side(x_mm: Tensor, midline_x_mm: Tensor, shape: torch.Size) -> Tensor:
