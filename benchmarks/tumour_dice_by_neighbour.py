@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from universal.catalog import find_cases, load_catalog
-from universal.classes import load_class_table
+from universal.catalog import DatasetEntry, find_cases, load_catalog
+from universal.classes import ClassTable, load_class_table
 from universal.evaluate import class_region, dice
 from universal.harmonize import harmonize_case
 from universal.ome import read_prediction
@@ -42,10 +42,9 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def case_rows(work: Path, tumour: str, neighbour: str, models: list[str]) -> list[dict]:
+def case_rows(work: Path, tumour: str, neighbour: str, models: list[str], classes: ClassTable,
+              entry: DatasetEntry) -> list[dict]:
     """One row per (case holding the tumour, model): distance to the neighbour (mm), Dice, FN and FP (mL)."""
-    classes = load_class_table()
-    entry = load_catalog(None, classes)[EXTERNAL]
     rows = []
     for case in find_cases(entry, work / "data" / EXTERNAL):
         truth = harmonize_case(case, entry, classes, target_spacing=None)
@@ -60,7 +59,7 @@ def case_rows(work: Path, tumour: str, neighbour: str, models: list[str]) -> lis
         voxel_ml = float(np.prod(label.spacing)) / 1000.0
         for model in models:
             _, organs, tumours, _ = read_prediction(work / "predictions" / model / f"{case.case_id}.ome.zarr")
-            predicted = (tumours if classes[tumour].kind != "organ" else organs) == classes[tumour].index
+            predicted = (tumours if classes[tumour].is_tumour else organs) == classes[tumour].index
             rows.append({"work": work.name, "case_id": case.case_id, "model": model, "distance_mm": distance,
                          "dice": dice(predicted, region),
                          "missed_ml": int((region & ~predicted).sum()) * voxel_ml,
@@ -70,8 +69,10 @@ def case_rows(work: Path, tumour: str, neighbour: str, models: list[str]) -> lis
 
 def main() -> None:
     args = parse_args()
-    table = pd.DataFrame([row for work in args.work for row in case_rows(work, args.tumour, args.neighbour,
-                                                                          args.models)])
+    classes = load_class_table()
+    entry = load_catalog(None, classes)[EXTERNAL]
+    table = pd.DataFrame([row for work in args.work
+                          for row in case_rows(work, args.tumour, args.neighbour, args.models, classes, entry)])
     edges = [0.0, *sorted(args.edges), float("inf")]
     table["group"] = pd.cut(table["distance_mm"], edges, right=False,
                             labels=[f"{lo:g}–{hi:g} mm" for lo, hi in pairwise(edges)])
