@@ -24,7 +24,7 @@ from scipy import ndimage
 
 from universal.catalog import DatasetEntry, find_cases, load_catalog
 from universal.classes import ClassTable, load_class_table
-from universal.evaluate import class_region, dice
+from universal.evaluate import class_region, dice, predicted_mask
 from universal.harmonize import harmonize_case
 from universal.ome import read_prediction
 from universal.sides import right_of_midline
@@ -59,7 +59,7 @@ def case_rows(work: Path, tumour: str, neighbour: str, models: list[str], classe
         voxel_ml = float(np.prod(label.spacing)) / 1000.0
         for model in models:
             _, organs, tumours, _ = read_prediction(work / "predictions" / model / f"{case.case_id}.ome.zarr")
-            predicted = (tumours if classes[tumour].is_tumour else organs) == classes[tumour].index
+            predicted = predicted_mask(organs, tumours, classes[tumour])
             rows.append({"work": work.name, "case_id": case.case_id, "model": model, "distance_mm": distance,
                          "dice": dice(predicted, region),
                          "missed_ml": int((region & ~predicted).sum()) * voxel_ml,

@@ -43,6 +43,11 @@ def class_region(label: np.ndarray, cls: UniversalClass, classes: ClassTable, ri
     return region
 
 
+def predicted_mask(organs: np.ndarray, tumours: np.ndarray, cls: UniversalClass) -> np.ndarray:
+    """Where a prediction marks ``cls``: its value in the organ map, or in the tumour map for a tumour class."""
+    return (tumours if cls.is_tumour else organs) == cls.index
+
+
 def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
     """Dice of two boolean arrays; NaN when both are empty."""
     total = int(prediction.sum()) + int(truth.sum())
@@ -65,7 +70,7 @@ def evaluate_case(organs: np.ndarray, tumours: np.ndarray, truth: Volume, classe
     rows = []
     predicted_names = None if predicted is None else set(predicted)
     for cls in classes:
-        mask = (organs if cls.kind == "organ" else tumours) == cls.index
+        mask = predicted_mask(organs, tumours, cls)
         region = class_region(truth.array, cls, classes, right_side)
         rows.append({"dataset": dataset, "case_id": case_id, "class": cls.name, "kind": cls.kind,
                      "predicted": predicted_names is None or cls.name in predicted_names,
