@@ -132,6 +132,25 @@ def test_gradients_reach_heads_and_backbone(tiny_model: UniversalModel) -> None:
     assert not tiny_model.organ_embedding.requires_grad
 
 
+def test_frozen_heads_train_the_features_only(tiny_model: UniversalModel) -> None:
+    """A loss on a frozen (sample, class) pair reaches the backbone and precls_conv but not the head generator;
+    the logits are those of the unfrozen model, and the other pairs keep their generator gradient."""
+    x = torch.randn(2, 1, 32, 32, 32)
+    frozen = torch.tensor([[True, False], [False, False]])
+    logits = tiny_model(x, classes=[1, 3], frozen_heads=frozen)
+    torch.testing.assert_close(logits, tiny_model(x, classes=[1, 3]), rtol=0, atol=0)
+    generator = [tiny_model.controller.weight, tiny_model.text_to_vision.weight, tiny_model.GAP[-1].weight]
+    features = [tiny_model.backbone.conv_0.conv_0.conv.weight, tiny_model.precls_conv[-1].weight]
+    logits[0, 0].square().mean().backward()  # the frozen pair alone
+    assert all(p.grad is None or (p.grad == 0).all() for p in generator)
+    assert all(p.grad.abs().sum() > 0 for p in features)
+    tiny_model.zero_grad()
+    tiny_model(x, classes=[1, 3], frozen_heads=frozen)[0, 1].square().mean().backward()  # sample 0's other pair
+    assert all(p.grad.abs().sum() > 0 for p in generator)
+    with pytest.raises(ValueError, match="frozen_heads"):
+        tiny_model(x, classes=[1, 3], frozen_heads=frozen[:, :1])
+
+
 def _original_keys(backbone: str) -> set[str]:
     path = REFERENCE / f"original_state_dict_{backbone}.tsv"
     if not path.exists():

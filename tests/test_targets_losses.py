@@ -115,6 +115,12 @@ def test_known_negatives_of_a_liver_sample_and_a_btcv_like_sample(classes) -> No
     # sample 1: stomach voxels are not a liver tumour, liver voxels may be one; the spleen voxel is not labelled
     # by a class the sample annotates, so it excludes nothing (and background never does)
     assert per_row[1] == [[False] * 4, [False, True, False, False], [False] * 4, [True, True, False, False]]
+    # tumour voxels only: sample 0's tumour voxel alone; sample 1 annotates no tumour, so it knows nothing
+    known = known_negatives(label, classes, torch.zeros(2, 4), torch.zeros(2), annotated, classes.channels(names),
+                            tumour_voxels_only=True)
+    per_row = known[:, :, :, 0, 0].tolist()
+    assert per_row[0] == [[False] * 4, [False] * 4, [False, True, False, False], [False, True, False, False]]
+    assert per_row[1] == [[False] * 4] * 4
 
 
 def _random_case(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -295,10 +301,11 @@ def test_known_negatives_add_bce_pairs_on_their_voxels_only(average: str) -> Non
     extra = (F.softplus(logits[0, 1, :3].detach().double())).sum().item() / voxels
     annotated = [F.binary_cross_entropy_with_logits(logits[b, k].detach(), targets[b, k].float()).item()
                  for b, k in mask.nonzero().tolist()]
-    if average == "pair":  # four annotated pairs and one of known negatives, each alike
-        expected = (sum(annotated) + extra) / 5
-    else:  # sample 0: its two annotated pairs and the negatives pair; sample 1: its two pairs
-        expected = ((annotated[0] + annotated[1] + extra) / 3 + (annotated[2] + annotated[3]) / 2) / 2
+    # the negatives add to the sum of the four annotated pairs (by sample: of sample 0's two) and are not counted
+    if average == "pair":
+        expected = (sum(annotated) + extra) / 4
+    else:
+        expected = ((annotated[0] + annotated[1] + extra) / 2 + (annotated[2] + annotated[3]) / 2) / 2
     assert parts["bce"].item() == pytest.approx(expected, rel=1e-5)
 
 

@@ -14,7 +14,7 @@ from synthetic import write_sphere_case
 import universal.train as train_module
 from universal.classes import load_class_table
 from universal.cpu_bf16 import convolution_cases, weight_gradient_error
-from universal.model import ModelConfig, build_model, load_checkpoint
+from universal.model import ModelConfig, UniversalModel, build_model, load_checkpoint
 from universal.patches import PatchConfig
 from universal.train import (
     TrainConfig,
@@ -257,33 +257,45 @@ def test_missed_weight_for_tumours_weighs_the_tumour_channels_only(inputs: dict,
     assert below == 0.2 and default_below == 0.01
 
 
-@pytest.mark.parametrize("exclusion", [False, True])
-def test_exclusion_negatives_run_every_trained_head_on_known_voxels(inputs: dict, tmp_path: Path, exclusion: bool,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """With ``exclusion_negatives`` every step runs the four trained heads, and a class a sample does not annotate
-    gets as known negatives the voxels of the classes it does (in these stores each excludes the other store's);
-    without, only the batch's annotated heads run and the loss gets no negatives."""
-    real_loss = train_module.masked_bce_dice_loss
-    seen = []
+@pytest.mark.parametrize("exclusion", ["none", "all", "tumours"])
+def test_exclusion_negatives_run_the_heads_with_known_voxels(inputs: dict, tmp_path: Path, exclusion: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``exclusion_negatives`` a step also runs the heads of the trained classes its batch does not annotate
+    but has known negatives of: a class a sample does not annotate gets as known negatives the voxels of the
+    classes it does (in these stores each excludes the other store's), with ``"tumours"`` those of its tumours
+    only, and the heads of the pairs a sample does not annotate are frozen (the negatives train the features).
+    With ``"none"`` only the batch's annotated heads run, none frozen, and the loss gets no negatives."""
+    real_loss, real_forward = train_module.masked_bce_dice_loss, UniversalModel.forward
+    seen, frozen = [], []
 
     def recording_loss(logits, targets, mask, *options):
-        seen.append((logits.shape[1], targets, mask, options[-1]))
+        seen.append((logits.shape[1], targets, mask, options[3], options[-1]))
         return real_loss(logits, targets, mask, *options)
 
+    def recording_forward(self, x, classes=None, frozen_heads=None):
+        frozen.append(frozen_heads)
+        return real_forward(self, x, classes, frozen_heads)
+
     monkeypatch.setattr(train_module, "masked_bce_dice_loss", recording_loss)
-    train(_config(inputs, tmp_path, steps=3, exclusion_negatives=exclusion))
-    for channels, targets, mask, negatives in seen:
-        if not exclusion:
-            assert negatives is None and channels == int(mask.any(dim=0).sum())
+    monkeypatch.setattr(UniversalModel, "forward", recording_forward)
+    train(_config(inputs, tmp_path, steps=3, exclusion_negatives=exclusion, missed_classes="tumours"))
+    assert len(seen) == 3 and len(frozen) == 3
+    for (channels, targets, mask, tumour, negatives), frozen_heads in zip(seen, frozen, strict=True):
+        if exclusion == "none":
+            assert negatives is None and frozen_heads is None and channels == int(mask.any(dim=0).sum())
             continue
-        assert channels == 4  # right kidney, left kidney, liver, kidney tumour
+        assert torch.equal(frozen_heads, ~mask)
+        with_known = negatives.flatten(2).any(dim=2).any(dim=0)
+        assert (mask.any(dim=0) | with_known).all()  # every head that runs is annotated or has known negatives
+        assert channels == 4 or exclusion == "tumours"  # right kidney, left kidney, liver, kidney tumour
+        sources = tumour if exclusion == "tumours" else torch.ones_like(tumour)
         for sample in range(mask.shape[0]):
-            labelled = targets[sample][mask[sample]].any(dim=0)
-            assert labelled.any()
+            labelled = targets[sample][mask[sample] & sources].any(dim=0)
             for channel in range(channels):
                 expected = torch.zeros_like(labelled) if mask[sample, channel] else labelled
                 assert torch.equal(negatives[sample, channel], expected)
-    assert len(seen) == 3 and (not exclusion or any((~mask).any() for _, _, mask, _ in seen))
+    if exclusion != "none":
+        assert any(negatives.any() for *_, negatives in seen)
 
 
 def test_learning_rate_schedule(inputs: dict, tmp_path: Path) -> None:

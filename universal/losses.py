@@ -55,9 +55,12 @@ def masked_bce_dice_loss(logits: Tensor, targets: Tensor, mask: Tensor, smooth: 
 
     ``negatives`` (B, K, X, Y, Z) bool, optional: voxels known not to be the class, for pairs outside ``mask``
     (:func:`universal.targets.known_negatives`; the exclusion loss of Shi et al., MedIA 2021, not in the
-    original). Each such pair with a known voxel adds a BCE pair towards 0 over those voxels only, summed and
-    divided by the pair's voxel count N (a known voxel weighs what it would in an annotated pair), averaged with
-    the annotated pairs; unknown voxels still get zero gradient, and the Dice is unchanged.
+    original). Each such pair with a known voxel adds the BCE towards 0 of those voxels only, summed and divided
+    by the pair's voxel count N, to the BCE sum without counting among its pairs: a known voxel weighs what it
+    would in an annotated pair of the batch (averaged by sample: of its sample), and the annotated pairs keep their
+    weight however many classes a sample's negatives cover. Unknown voxels still get zero gradient, and the Dice is
+    unchanged. With known negatives but no annotated pair (of the batch, or of a sample averaged by sample) their
+    sum is the loss.
     """
     if average not in LOSS_AVERAGES:
         raise ValueError(f"average must be one of {LOSS_AVERAGES}, got {average!r}")
@@ -87,13 +90,13 @@ def masked_bce_dice_loss(logits: Tensor, targets: Tensor, mask: Tensor, smooth: 
             missed &= missed_channels.to(device=logits.device, dtype=torch.bool)[channel, None]
         weight = 1.0 + (missed_weight - 1.0) * missed.to(selected.dtype)
     pair_bce = F.binary_cross_entropy_with_logits(selected, truth, weight=weight, reduction="none").mean(dim=1)
-    pair_sample = sample
+    negative_bce = negative_sample = None
     if negatives is not None and excluded.any():
         outside = logits[excluded].flatten(1).float()
         known = negatives[excluded].flatten(1).to(outside.dtype)
-        pair_bce = torch.cat([pair_bce, (F.softplus(outside) * known).sum(dim=1) / outside.shape[1]])
-        pair_sample = torch.cat([sample, excluded.nonzero()[:, 0]])
-    bce = _average(pair_bce, pair_sample, average)
+        negative_bce = (F.softplus(outside) * known).sum(dim=1) / outside.shape[1]
+        negative_sample = excluded.nonzero()[:, 0]
+    bce = _average(pair_bce, sample, average, negative_bce, negative_sample)
     present = truth.amax(dim=1) > 0
     dice = (_average(soft_dice_loss(selected[present], truth[present], smooth), sample[present], average)
             if present.any() else bce * 0.0)
@@ -117,11 +120,19 @@ def soft_dice_loss(logits: Tensor, targets: Tensor, smooth: float = DEFAULT_DICE
     return 1.0 - (2.0 * intersection + smooth) / (denominator + smooth)
 
 
-def _average(values: Tensor, sample: Tensor, average: str) -> Tensor:
+def _average(values: Tensor, sample: Tensor, average: str, extra: Tensor | None = None,
+             extra_sample: Tensor | None = None) -> Tensor:
     """Mean of per-pair ``values`` (M,): over all pairs, or per sample (``sample`` (M,) batch indices) then over
-    the samples present."""
+    the samples present. ``extra`` (E,), of samples ``extra_sample`` (E,), add to the sum of their average (the
+    batch's, or their sample's) without counting among its pairs; a sum without pairs is divided by 1."""
+    if extra is None:
+        extra, extra_sample = values[:0], sample[:0]
     if average == "pair":
-        return values.mean()
-    _, group, counts = torch.unique(sample, return_inverse=True, return_counts=True)
-    per_sample = torch.zeros(len(counts), dtype=values.dtype, device=values.device).index_add_(0, group, values)
-    return (per_sample / counts.to(values.dtype)).mean()
+        return (values.sum() + extra.sum()) / max(len(values), 1)
+    _, group = torch.unique(torch.cat([sample, extra_sample]), return_inverse=True)
+    samples = int(group.max()) + 1
+    sums = torch.zeros(samples, dtype=values.dtype, device=values.device).index_add_(0, group,
+                                                                                     torch.cat([values, extra]))
+    counts = torch.zeros(samples, dtype=values.dtype, device=values.device).index_add_(
+        0, group[:len(values)], torch.ones_like(values))
+    return (sums / counts.clamp(min=1)).mean()

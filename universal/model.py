@@ -211,11 +211,19 @@ class UniversalModel(nn.Module):
     def num_classes(self) -> int:
         return self.organ_embedding.shape[0]
 
-    def forward(self, x: Tensor, classes: Sequence[int] | None = None) -> Tensor:
+    def forward(self, x: Tensor, classes: Sequence[int] | None = None, frozen_heads: Tensor | None = None) -> Tensor:
         """Logits (B, K, X, Y, Z) for input (B, C_in, X, Y, Z); ``classes`` (channel indices) selects the heads,
-        in that order (default: all C classes)."""
+        in that order (default: all C classes). ``frozen_heads`` (B, K) bool: the (sample, class) pairs whose
+        generated head parameters are detached, so that a loss on their logits trains the features (backbone and
+        ``precls_conv``) but not the head generator (``text_to_vision``, ``controller``, ``GAP``)."""
         deep, full = self.backbone(x)
         head_params = self.head_parameters(deep, classes)
+        if frozen_heads is not None:
+            if frozen_heads.shape != head_params.shape[:2]:
+                raise ValueError(f"frozen_heads must be (B, K) = {tuple(head_params.shape[:2])}, "
+                                 f"got {tuple(frozen_heads.shape)}")
+            head_params = torch.where(frozen_heads.to(head_params.device).bool()[..., None], head_params.detach(),
+                                      head_params)
         features = self.precls_conv(full)
         chunk = self.head_chunk_classes
         slope = self.head_negative_slope

@@ -88,6 +88,7 @@ MANIFEST_NAME = "training_manifest.tsv"
 AMP_MODES = ("auto", "bf16", "off")
 TRAINABLE = ("all", "heads")
 MISSED_CLASSES = ("all", "tumours")  # the classes whose missed positives missed_weight weighs
+EXCLUSION_NEGATIVES = ("none", "all", "tumours")  # which labelled voxels are known negatives of unannotated classes
 
 
 @dataclass
@@ -116,9 +117,12 @@ class TrainConfig:
     ``"sample"`` (each sample alike; :func:`universal.losses.masked_bce_dice_loss`). ``missed_weight``: the
     BCE weight of positive voxels predicted below ``missed_below`` (a probability, 1 % by default; 1: the
     original's loss; see that function), for the classes of ``missed_classes``: ``"all"`` or ``"tumours"`` (organ
-    positives then keep the original's weight). ``exclusion_negatives``: every step runs the heads of all trained
-    classes, and a class a sample's dataset does not annotate learns 0 on the voxels labelled with a class that
-    excludes it (:func:`universal.targets.known_negatives`; off: the original's rule, unannotated means unknown).
+    positives then keep the original's weight). ``exclusion_negatives``: ``"none"`` (the original's rule:
+    unannotated means unknown), ``"all"`` (a trained class a sample's dataset does not annotate learns 0 on the
+    voxels labelled with a class that excludes it; :func:`universal.targets.known_negatives`) or ``"tumours"``
+    (on the voxels labelled with such a tumour only); a step also runs the heads of the classes with known
+    negatives in its batch, and those negatives train the features only (the generated head parameters of a
+    (sample, class) pair the sample does not annotate are detached; :class:`universal.model.UniversalModel`).
     """
 
     stores: list[str]
@@ -143,7 +147,7 @@ class TrainConfig:
     missed_weight: float = 1.0
     missed_classes: str = "all"
     missed_below: float = MISSED_PROBABILITY
-    exclusion_negatives: bool = False
+    exclusion_negatives: str = "none"
     checkpoint_every: int = 1_000
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -169,6 +173,9 @@ class TrainConfig:
         check_missed_options(self.missed_weight, self.missed_below)
         if self.missed_classes not in MISSED_CLASSES:
             raise ValueError(f"missed_classes must be one of {MISSED_CLASSES}, got {self.missed_classes!r}")
+        if self.exclusion_negatives not in EXCLUSION_NEGATIVES:
+            raise ValueError(f"exclusion_negatives must be one of {EXCLUSION_NEGATIVES}, "
+                             f"got {self.exclusion_negatives!r}")
         if self.val_every < 0 or self.val_cases < 0 or not 0.0 <= self.val_overlap < 1.0:
             raise ValueError("val_every and val_cases must be >= 0 and val_overlap in [0, 1)")
         self.embeddings, self.out_dir = str(self.embeddings), str(self.out_dir)
@@ -388,8 +395,8 @@ def train_step(model: nn.Module, batch: dict, classes: ClassTable, optimizer: to
                config: TrainConfig, device: torch.device, amp: torch.dtype | None,
                exclusion_channels: list[int] | None = None) -> dict[str, float]:
     """One optimizer step on a collated batch; only heads of classes annotated in the batch are computed, and with
-    ``exclusion_channels`` (class-table channels; ``config.exclusion_negatives``) those too, supervised by their
-    known negatives where the batch does not annotate them.
+    ``exclusion_channels`` (class-table channels; ``config.exclusion_negatives``) those of them with known negatives
+    in the batch too, supervised by those negatives where the batch does not annotate them.
 
     ``model`` is a :class:`UniversalModel` or its DistributedDataParallel wrapper. Returns the loss, its BCE and Dice
     parts (of this process's batch) and the gradient norm before clipping (of the trainable parameters). A step
@@ -401,15 +408,24 @@ def train_step(model: nn.Module, batch: dict, classes: ClassTable, optimizer: to
     label = batch["label"].to(device, non_blocking=True)
     mask = batch["mask"].to(device)
     active = mask.any(dim=0)
-    if exclusion_channels is not None:
-        active[exclusion_channels] = True
-    active = active.nonzero().flatten()
     x_mm, midline_x_mm = batch["x_mm"].to(device), batch["midline_x_mm"].to(device)
+    negatives = None
+    if exclusion_channels is not None:
+        known = known_negatives(label, classes, x_mm, midline_x_mm, mask, exclusion_channels,
+                                tumour_voxels_only=config.exclusion_negatives == "tumours")
+        with_known = torch.tensor(exclusion_channels)[known.flatten(2).any(dim=2).any(dim=0).cpu()]
+        active[with_known.to(active.device)] = True
+        negatives = torch.zeros(label.shape[0], len(classes), *label.shape[1:], dtype=torch.bool, device=device)
+        negatives[:, exclusion_channels] = known
+    active = active.nonzero().flatten()
     targets = multi_hot_targets(label, classes, x_mm, midline_x_mm, channels=active.cpu())
-    negatives = (known_negatives(label, classes, x_mm, midline_x_mm, mask, active.cpu())
-                 if exclusion_channels is not None else None)
+    if negatives is not None:
+        negatives = negatives[:, active]
+    # a class's known negatives are its head's only signal on a batch that does not annotate it: they train the
+    # features, not the head generator, which would meet them by lowering the class's bias everywhere
+    frozen_heads = ~mask[:, active].bool() if negatives is not None else None
     with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-        logits = model(image, classes=active.tolist())
+        logits = model(image, classes=active.tolist(), frozen_heads=frozen_heads)
     missed_channels = None
     if config.missed_classes == "tumours":
         missed_channels = torch.tensor([classes.classes[c].is_tumour for c in active.tolist()], device=device)
@@ -665,7 +681,7 @@ def _train(config: TrainConfig, env: DistributedEnv, device: torch.device) -> Pa
         shared = [trained]
         dist.broadcast_object_list(shared, src=0)
         trained = shared[0]
-    exclusion_channels = classes.channels(trained) if config.exclusion_negatives else None
+    exclusion_channels = classes.channels(trained) if config.exclusion_negatives != "none" else None
     if validating and val_log.exists():  # drop rows of steps a resumed run redoes
         kept = _read_rows(val_log, start)
         with val_log.open("w", newline="") as f:
