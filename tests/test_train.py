@@ -231,6 +231,9 @@ def test_loss_options_are_checked(inputs: dict, tmp_path: Path) -> None:
     for below in (0.0, 0.6):
         with pytest.raises(ValueError, match="missed_below must be in"):
             _config(inputs, tmp_path, missed_below=below)
+    for exclusion in (True, "organs"):  # True: a config written when the option was a boolean
+        with pytest.raises(ValueError, match=r"exclusion_negatives must be one of \('none', 'all', 'tumours'\)"):
+            _config(inputs, tmp_path, exclusion_negatives=exclusion)
 
 
 def test_missed_weight_for_tumours_weighs_the_tumour_channels_only(inputs: dict, tmp_path: Path,
