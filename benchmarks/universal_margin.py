@@ -50,7 +50,7 @@ def margin_table(margins: pd.DataFrame, confidence: float) -> pd.DataFrame:
         interval = stats.ttest_1samp(values.to_numpy(), 0.0).confidence_interval(confidence)
         rows[name] = {"mean": values.mean(), "sd": values.std(ddof=1), "low": interval.low, "high": interval.high,
                       "runs_ahead": int((values >= 0).sum())}
-    return pd.DataFrame.from_dict(rows, orient="index").astype({"runs_ahead": int})
+    return pd.DataFrame.from_dict(rows, orient="index")
 
 
 def main() -> None:

@@ -68,9 +68,8 @@ def known_negatives(label: Tensor, classes: ClassTable, x_mm: Tensor, midline_x_
     sample b does not annotate, a voxel is a known negative when its label is a class b annotates that excludes k
     (:func:`exclusion_tables`): in a liver dataset every liver and liver-tumour voxel is known not to be stomach.
     Channels a sample annotates are all False here: their full targets come from :func:`multi_hot_targets`.
-    ``tumour_voxels_only``: only voxels labelled a tumour are known negatives (a liver tumour is not stomach). An
-    organ's edge is where datasets resampled from different grids, or drawn by different annotators, disagree, and
-    a thin organ that one dataset labels (the duodenum) is pushed to 0 there by the others' organ voxels.
+    ``tumour_voxels_only``: only voxels labelled a tumour are known negatives (a liver tumour is not stomach): the
+    negatives aimed at a tumour that another dataset's organ (the stomach) claims, without the organ voxels'.
     """
     label, num_values = _checked_label(label, classes)
     if annotated.shape != (label.shape[0], len(classes)):
@@ -79,9 +78,9 @@ def known_negatives(label: Tensor, classes: ClassTable, x_mm: Tensor, midline_x_
     excluded = _by_side(exclusion_tables(classes, num_values), channels, label, x_mm, midline_x_mm)
     value_annotated = torch.zeros(label.shape[0], num_values, dtype=torch.bool)
     value_annotated[:, [cls.index for cls in classes]] = annotated.cpu().bool()
-    batch = torch.arange(label.shape[0], device=label.device).reshape(-1, 1, 1, 1)
     if tumour_voxels_only:
         value_annotated[:, [cls.index for cls in classes if not cls.is_tumour]] = False
+    batch = torch.arange(label.shape[0], device=label.device).reshape(-1, 1, 1, 1)
     labelled = value_annotated.to(label.device)[batch, label]  # (B, X, Y, Z): the voxel's class is annotated
     unannotated = ~annotated.to(label.device).bool()[:, channels.to(label.device)]  # (B, K)
     return excluded & labelled.unsqueeze(1) & unannotated[:, :, None, None, None]

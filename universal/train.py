@@ -410,17 +410,16 @@ def train_step(model: nn.Module, batch: dict, classes: ClassTable, optimizer: to
     active = mask.any(dim=0)
     x_mm, midline_x_mm = batch["x_mm"].to(device), batch["midline_x_mm"].to(device)
     negatives = None
-    if exclusion_channels is not None:
-        known = known_negatives(label, classes, x_mm, midline_x_mm, mask, exclusion_channels,
+    if exclusion_channels is not None:  # of the annotated and the exclusion channels, those with a target or a negative
+        active[exclusion_channels] = True
+        active = active.nonzero().flatten()
+        known = known_negatives(label, classes, x_mm, midline_x_mm, mask, active.cpu(),
                                 tumour_voxels_only=config.exclusion_negatives == "tumours")
-        with_known = torch.tensor(exclusion_channels)[known.flatten(2).any(dim=2).any(dim=0).cpu()]
-        active[with_known.to(active.device)] = True
-        negatives = torch.zeros(label.shape[0], len(classes), *label.shape[1:], dtype=torch.bool, device=device)
-        negatives[:, exclusion_channels] = known
-    active = active.nonzero().flatten()
+        kept = mask[:, active].any(dim=0) | known.flatten(2).any(dim=2).any(dim=0)
+        active, negatives = active[kept], known[:, kept]
+    else:
+        active = active.nonzero().flatten()
     targets = multi_hot_targets(label, classes, x_mm, midline_x_mm, channels=active.cpu())
-    if negatives is not None:
-        negatives = negatives[:, active]
     # a class's known negatives are its head's only signal on a batch that does not annotate it: they train the
     # features, not the head generator, which would meet them by lowering the class's bias everywhere
     frozen_heads = ~mask[:, active].bool() if negatives is not None else None
