@@ -63,7 +63,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cases", type=int, default=20, help="phantoms per training dataset")
     parser.add_argument("--external-cases", type=int, default=20,
                         help="fully labelled external phantoms the models are scored on")
-    parser.add_argument("--steps", type=int, default=1200, help="training steps of the universal model")
+    parser.add_argument("--steps", type=int, default=1800, help="training steps of the universal model")
     parser.add_argument("--spacing", type=float, default=4.0, help="store and model grid (mm, isotropic)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of the one-case inference")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
