@@ -1,7 +1,7 @@
 """The paper's claim in miniature: one universal model against one model per dataset, on the demo phantoms.
 
 Run: .venv/bin/python benchmarks/bench_universal_vs_dataset.py --work /tmp/universal_vs_dataset
-(prints Markdown tables for BENCHMARKS.md and writes ``summary.json`` in ``--work``; ~1 h on 2 cores with the
+(prints Markdown tables for BENCHMARKS.md and writes ``summary.json`` in ``--work``; ~42 min on 2 cores with the
 defaults, of which ~half is the universal model's training).
 
 What runs, with the library functions the workflow's rules call:
