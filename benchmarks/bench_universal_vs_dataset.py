@@ -20,8 +20,8 @@ What runs, with the library functions the workflow's rules call:
    mapped back onto each phantom's grid) and is scored by ``universal.evaluate.evaluate_predictions`` (Dice per
    case and class on the source grid); a model predicts only the classes its training data annotate;
 5. the time to run on one case: ``infer_cases`` on the first external case (model load, NIfTI read, resampling,
-   sliding window, post-processing, mapping back, OME-Zarr write), best of ``--repeats``, for the universal model
-   and summed over the dataset-specific models.
+   sliding window, post-processing, mapping back, OME-Zarr write), best of ``--repeats`` rounds that time every
+   model once each, for the universal model and summed over the dataset-specific models.
 
 Stages whose outputs exist in ``--work`` are reused (delete the folder for a fresh run); training times come from
 ``summary.json`` then.
@@ -65,7 +65,8 @@ def parse_args() -> argparse.Namespace:
                         help="fully labelled external phantoms the models are scored on")
     parser.add_argument("--steps", type=int, default=1800, help="training steps of the universal model")
     parser.add_argument("--spacing", type=float, default=4.0, help="store and model grid (mm, isotropic)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of the one-case inference")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed rounds of the one-case inference (every model once per round)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="one run per seed (phantoms drawn with it); several: a table over the seeds at the end")
     parser.add_argument("--embeddings-from", type=Path, default=None,
@@ -128,14 +129,23 @@ def evaluate_model(work: Path, name: str, checkpoint: Path, cases: list, entry, 
     return table.assign(model=name)
 
 
-def one_case_seconds(work: Path, checkpoint: Path, case, classes, settings: InferenceSettings, repeats: int) -> float:
-    """Best-of-``repeats`` wall time of ``infer_cases`` on one case, model loading included."""
-    times = []
+def one_case_seconds(work: Path, checkpoints: dict[str, Path], case, classes, settings: InferenceSettings,
+                     repeats: int) -> dict[str, float]:
+    """Best-of-``repeats`` wall time (s) of ``infer_cases`` on one case, model loading included, per model.
+
+    One untimed call first takes the process's one-off costs (lazy imports, thread pools); then the repeats run in
+    rounds, every model once per round, so a slow spell of the machine falls on all models alike instead of on
+    whichever model was being timed then.
+    """
+    first = next(iter(checkpoints.values()))
+    infer_cases([case], first, classes, work / "timing" / "warm_up", settings)
+    times: dict[str, list[float]] = {name: [] for name in checkpoints}
     for repeat in range(repeats):
-        began = time.perf_counter()
-        infer_cases([case], checkpoint, classes, work / "timing" / f"{checkpoint.parent.name}_{repeat}", settings)
-        times.append(time.perf_counter() - began)
-    return min(times)
+        for name, checkpoint in checkpoints.items():
+            began = time.perf_counter()
+            infer_cases([case], checkpoint, classes, work / "timing" / f"{name}_{repeat}", settings)
+            times[name].append(time.perf_counter() - began)
+    return {name: min(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -182,8 +192,7 @@ def run_seed(work: Path, seed: int, args: argparse.Namespace, config: dict, clas
     scores = scores[scores["predicted"]]
     scores.to_csv(work / "dice_per_case.tsv", sep="\t", index=False)
 
-    seconds = {name: one_case_seconds(work, path, cases[external][0], classes, settings, args.repeats)
-               for name, path in checkpoints.items()}
+    seconds = one_case_seconds(work, checkpoints, cases[external][0], classes, settings, args.repeats)
     summary.update(report(scores, seconds, timings, classes, args, train_keys))
     summary_path.write_text(json.dumps(summary, indent=1))
     return class_means(scores)
