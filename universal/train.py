@@ -420,15 +420,16 @@ def train_step(model: nn.Module, batch: dict, classes: ClassTable, optimizer: to
     else:
         active = active.nonzero().flatten()
     targets = multi_hot_targets(label, classes, x_mm, midline_x_mm, channels=active.cpu())
+    active_mask = mask[:, active]  # (B, K): which of the computed channels each sample annotates
     # a class's known negatives are its head's only signal on a batch that does not annotate it: they train the
     # features, not the head generator, which would meet them by lowering the class's bias everywhere
-    frozen_heads = ~mask[:, active].bool() if negatives is not None else None
+    frozen_heads = ~active_mask.bool() if negatives is not None else None
     with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
         logits = model(image, classes=active.tolist(), frozen_heads=frozen_heads)
     missed_channels = None
     if config.missed_classes == "tumours":
         missed_channels = torch.tensor([classes.classes[c].is_tumour for c in active.tolist()], device=device)
-    loss, parts = masked_bce_dice_loss(logits.float(), targets, mask[:, active], config.dice_smooth,
+    loss, parts = masked_bce_dice_loss(logits.float(), targets, active_mask, config.dice_smooth,
                                        config.loss_average, config.missed_weight, missed_channels,
                                        config.missed_below, negatives)
     optimizer.zero_grad(set_to_none=True)
