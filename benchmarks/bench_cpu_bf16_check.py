@@ -1,8 +1,8 @@
-"""Cost of the start-up check of bf16 training on the CPU (:mod:`universal.cpu_bf16`), and what it finds.
+"""Cost of the start-up check of bf16 training on the CPU (:mod:`universal.train.cpu_bf16`), and what it finds.
 
 Run: .venv/bin/python benchmarks/bench_cpu_bf16_check.py
 For each configuration: the distinct convolutions of one training batch, the wall time of the check's work,
-:func:`universal.cpu_bf16.convolution_errors` (one float32 forward pass to find them, then a bf16 and a float32
+:func:`universal.train.cpu_bf16.convolution_errors` (one float32 forward pass to find them, then a bf16 and a float32
 forward and backward of each), and the layers the check refuses. Prints a Markdown table for BENCHMARKS.md.
 """
 
@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from universal.cpu_bf16 import TOLERANCE, convolution_errors
-from universal.model import ModelConfig, build_model
+from universal.model.network import ModelConfig, build_model
+from universal.train.cpu_bf16 import TOLERANCE, convolution_errors
 
 # name -> (model config, input shape (B, C, X, Y, Z))
 CONFIGURATIONS = {

@@ -6,7 +6,7 @@ Run on a GPU node: .venv/bin/python benchmarks/bench_gpu_train_step.py [--json o
 itself on a laptop.
 
 Each configuration builds a fresh model, runs ``--warmup`` untimed steps (cuDNN autotuning, allocator warm-up),
-then ``--steps`` timed steps of :func:`universal.train.train_step` (forward with the batched class heads, masked
+then ``--steps`` timed steps of :func:`universal.train.loop.train_step` (forward with the batched class heads, masked
 BCE + Dice loss, backward, gradient clipping, AdamW) on a fixed random batch, synchronising the device before
 reading the clock. Peak memory is ``torch.cuda.max_memory_allocated`` over the timed steps (the process RSS on
 CPU is not reported). Prints a Markdown table for BENCHMARKS.md.
@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from universal.classes import load_class_table
-from universal.model import ModelConfig, build_model
-from universal.train import TrainConfig, train_step
+from universal.core.classes import load_class_table
+from universal.model.network import ModelConfig, build_model
+from universal.train.config import TrainConfig
+from universal.train.loop import train_step
 
 CONFIGURATIONS = {
     "bf16 autocast": {"amp": torch.bfloat16, "checkpointing": False},

@@ -113,7 +113,7 @@ def _paint(targets: list[tuple[np.ndarray, int]], centre: tuple, radii: tuple) -
 
 def make_case(folder: str | Path) -> tuple[Path, Path]:
     """Write the phantom CT and its label map as .nii.gz under ``folder`` (deterministic); returns both paths."""
-    from universal.volume import Volume, save_nifti
+    from universal.core.volume import Volume, save_nifti
 
     ct = np.full(SHAPE, -1000, dtype=np.int16)
     label = np.zeros(SHAPE, dtype=np.uint8)
@@ -140,10 +140,10 @@ def make_case(folder: str | Path) -> tuple[Path, Path]:
 
 
 def _ours(folder: Path, stages: dict) -> dict:
-    from universal.catalog import Case, load_catalog
-    from universal.classes import load_class_table
-    from universal.harmonize import harmonize_case
-    from universal.store import open_store, write_case
+    from universal.core.classes import load_class_table
+    from universal.data.catalog import Case, load_catalog
+    from universal.data.harmonize import harmonize_case
+    from universal.data.store import open_store, write_case
 
     classes = load_class_table()
     entry = load_catalog(None, classes)[DATASET]
@@ -230,7 +230,8 @@ def child(route: str, folder: Path, profile: bool) -> None:
 
     torch.set_num_threads(2)
     # import what the route uses first: imports count in the process time, not in the route time
-    for module in ("universal.harmonize", "universal.store") if route == "ours" else ("h5py", "monai.transforms"):
+    modules = ("universal.data.harmonize", "universal.data.store") if route == "ours" else ("h5py", "monai.transforms")
+    for module in modules:
         importlib.import_module(module)
     before = resource.getrusage(resource.RUSAGE_SELF)
     stages: dict[str, float] = {}

@@ -3,9 +3,9 @@
 Run: .venv/bin/python benchmarks/bench_patch_read.py  (prints a Markdown table for BENCHMARKS.md; ~2 min on 2 cores)
 
 Setup (not timed): the phantom of bench_harmonize.py (512x512x200 int16 at 0.8x0.8x2.5 mm, .nii.gz) is harmonized
-and resampled to 1.5 mm (273x273x333) and written with ``universal.store.write_case``, as ``harmonize_dataset`` does;
-the resampled image is also saved as .nii.gz (nibabel's default compression), and the original's post_label
-(1, 32, X, Y, Z) uint8 as h5 (gzip 9). All files are read from a warm page cache.
+and resampled to 1.5 mm (273x273x333) and written with ``universal.data.store.write_case``, as
+``harmonize_dataset`` does; the resampled image is also saved as .nii.gz (nibabel's default compression), and the
+original's post_label (1, 32, X, Y, Z) uint8 as h5 (gzip 9). All files are read from a warm page cache.
 
 Timed, at the same random patch positions (the first few for the slow routes):
 
@@ -61,11 +61,11 @@ def setup(folder: Path) -> dict:
     """Write the source case, the store, the resampled .nii.gz and the original's post_label h5."""
     import h5py
 
-    from universal.catalog import Case, load_catalog
-    from universal.classes import load_class_table
-    from universal.harmonize import harmonize_case
-    from universal.store import open_store, write_case
-    from universal.volume import save_nifti
+    from universal.core.classes import load_class_table
+    from universal.core.volume import save_nifti
+    from universal.data.catalog import Case, load_catalog
+    from universal.data.harmonize import harmonize_case
+    from universal.data.store import open_store, write_case
 
     image_path, label_path = make_case(folder)
     classes = load_class_table()
@@ -92,7 +92,7 @@ def main() -> None:
     import nibabel as nib
     import torch
 
-    from universal.store import open_case
+    from universal.data.store import open_case
 
     torch.set_num_threads(2)
     folder = Path(tempfile.mkdtemp(prefix="bench_patch_read_"))

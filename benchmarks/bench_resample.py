@@ -12,7 +12,7 @@ import SimpleITK as sitk
 import torch
 from monai.transforms import Spacing
 
-from universal.volume import Volume, resample
+from universal.core.volume import Volume, resample
 
 SHAPE, SPACING, TARGET = (512, 512, 200), (0.8, 0.8, 2.5), (1.5, 1.5, 1.5)
 
@@ -54,7 +54,7 @@ def main() -> None:
     from monai.data import MetaTensor
     meta = MetaTensor(tensor, affine=torch.from_numpy(affine))
     rows = [
-        ("universal.volume.resample", _best(lambda: resample(volume, TARGET, 1)),
+        ("universal.core.volume.resample", _best(lambda: resample(volume, TARGET, 1)),
          _best(lambda: resample(Volume(array.astype(np.uint8), affine), TARGET, 0))),
         ("SimpleITK ResampleImageFilter", _best(lambda: with_sitk(sitk.sitkLinear)),
          _best(lambda: with_sitk(sitk.sitkNearestNeighbor))),

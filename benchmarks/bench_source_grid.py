@@ -6,9 +6,9 @@ A CT of 512 x 512 x 160 voxels of 0.78 x 0.78 x 2.5 mm predicted on the 1.5 mm g
 with 11 predicted organ channels: ellipsoidal probability blobs of 20 to 600 mL, a few of them overlapping.
 Two routes, each in its own process (for its peak resident memory), best of ``--repeats``:
 
-- ``label map, nearest``: the route before ``universal.source_grid``: one exclusive label map on the model grid
+- ``label map, nearest``: the route before ``universal.infer.source_grid``: one exclusive label map on the model grid
   (the most probable class where masks overlap), resampled to the CT's grid by nearest neighbour;
-- ``probabilities, linear``: ``universal.source_grid.label_map_on_source_grid``: each class's probability
+- ``probabilities, linear``: ``universal.infer.source_grid.label_map_on_source_grid``: each class's probability
   interpolated linearly onto the CT's grid within the bounding box of its mask, thresholded there.
 
 Both start from the same probabilities and masks (made outside the timing); the table gives seconds and the
@@ -26,8 +26,8 @@ import time
 
 import numpy as np
 
-from universal.source_grid import label_map_on_source_grid
-from universal.volume import Volume, resample, resampled_shape
+from universal.core.volume import Volume, resample, resampled_shape
+from universal.infer.source_grid import label_map_on_source_grid
 
 SOURCE_SHAPE = (512, 512, 160)
 SOURCE_SPACING = (0.78, 0.78, 2.5)

@@ -5,7 +5,7 @@ Run: .venv/bin/python benchmarks/bench_store_layout.py  (prints a Markdown table
 The volume is the phantom of bench_harmonize.py after ``harmonize_case`` (273x273x333 at 1.5 mm: image int16,
 label uint8). Every layout (chunks 32³, 64³, 128³, and 64³ chunks in 256³ shards) is written with every
 compressor (Blosc zstd 3 + bitshuffle, the store's choice; zstd 3 + byte shuffle; lz4 5 + bitshuffle; none) into
-a fresh zarr v3 array, as ``universal.store._write_array`` does (fill value 0), then read back: 30 random 96³
+a fresh zarr v3 array, as ``universal.data.store._write_array`` does (fill value 0), then read back: 30 random 96³
 patches from a freshly opened array (median ms; the same positions for every layout) and the whole image once.
 """
 
@@ -31,14 +31,14 @@ COMPRESSORS = {
     "lz4 5 + bitshuffle": lambda: [BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.bitshuffle)],
     "none": lambda: None,
 }
-CURRENT = ("64³", "zstd 3 + bitshuffle")  # universal.store: CHUNKS = (64, 64, 64), zstd 3 + bitshuffle
+CURRENT = ("64³", "zstd 3 + bitshuffle")  # universal.data.store: CHUNKS = (64, 64, 64), zstd 3 + bitshuffle
 
 
 def resampled_case(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """The phantom harmonized and resampled to 1.5 mm: (image int16, label uint8)."""
-    from universal.catalog import Case, load_catalog
-    from universal.classes import load_class_table
-    from universal.harmonize import harmonize_case
+    from universal.core.classes import load_class_table
+    from universal.data.catalog import Case, load_catalog
+    from universal.data.harmonize import harmonize_case
 
     image_path, label_path = make_case(folder)
     classes = load_class_table()

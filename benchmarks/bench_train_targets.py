@@ -1,5 +1,5 @@
 """The training targets of one batch: every class-table channel, then the batch's annotated ones, against the
-annotated channels alone (``multi_hot_targets(..., channels=...)``, what ``universal.train.train_step`` does).
+annotated channels alone (``multi_hot_targets(..., channels=...)``, what ``universal.train.loop.train_step`` does).
 
 Run: .venv/bin/python benchmarks/bench_train_targets.py [--rounds 3]
 
@@ -16,8 +16,8 @@ import time
 import numpy as np
 import torch
 
-from universal.classes import load_class_table
-from universal.targets import multi_hot_targets
+from universal.core.classes import load_class_table
+from universal.train.targets import multi_hot_targets
 
 DEMO_CLASSES = ("Spleen", "Right Kidney", "Left Kidney", "Gall Bladder", "Esophagus", "Liver", "Stomach", "Pancreas",
                 "Duodenum", "Liver Tumor", "Kidney Tumor")

@@ -6,7 +6,7 @@ defaults, of which ~half is the universal model's training).
 
 What runs, with the library functions the workflow's rules call:
 
-1. the demo datasets (``universal.demo_data``: partially labelled phantoms in the layouts of MSD Task03 Liver,
+1. the demo datasets (``universal.synthetic.demo_data``: partially labelled phantoms in the layouts of MSD Task03 Liver,
    BTCV cases >= 61 and KiTS19, plus fully labelled external phantoms), harmonized and resampled into zarr stores
    at ``--spacing`` mm, and the class prompts embedded with open_clip's ViT-B-32 text tower (``pretrained:
    none``, as in the demo: nothing is downloaded), or, with ``--embeddings-from``, a precomputed table such as
@@ -16,8 +16,9 @@ What runs, with the library functions the workflow's rules call:
    dataset sampling weights;
 3. one model per training dataset, same architecture and settings, each trained on its own store for
    ``--steps / N`` steps (N datasets): the same total compute, in steps of the same batch of patches;
-4. every model predicts the ``--external-cases`` external phantoms (``universal.infer.infer_cases``: probabilities
-   mapped back onto each phantom's grid) and is scored by ``universal.evaluate.evaluate_predictions`` (Dice per
+4. every model predicts the ``--external-cases`` external phantoms (``universal.infer.predict.infer_cases``:
+   probabilities mapped back onto each phantom's grid) and is scored by
+   ``universal.evaluate.metrics.evaluate_predictions`` (Dice per
    case and class on the source grid); a model predicts only the classes its training data annotate;
 5. the time to run on one case: ``infer_cases`` on the first external case (model load, NIfTI read, resampling,
    sliding window, post-processing, mapping back, OME-Zarr write), best of ``--repeats`` rounds that time every
@@ -44,14 +45,15 @@ import pandas as pd
 import torch
 import yaml
 
-from universal.catalog import find_cases, load_catalog
-from universal.classes import load_class_table
-from universal.demo_data import DEMO_DATASETS, write_demo_data
-from universal.embed import EncoderSpec, embed_prompts, import_embeddings, save_embeddings
-from universal.evaluate import evaluate_predictions
-from universal.harmonize import harmonize_dataset
-from universal.infer import InferenceSettings, infer_cases
-from universal.train import train, train_config_from_options
+from universal.core.classes import load_class_table
+from universal.data.catalog import find_cases, load_catalog
+from universal.data.harmonize import harmonize_dataset
+from universal.embed.prompts import EncoderSpec, embed_prompts, import_embeddings, save_embeddings
+from universal.evaluate.metrics import evaluate_predictions
+from universal.infer.predict import InferenceSettings, infer_cases
+from universal.synthetic.demo_data import DEMO_DATASETS, write_demo_data
+from universal.train.config import train_config_from_options
+from universal.train.loop import train
 
 REPO = Path(__file__).resolve().parent.parent
 UNIVERSAL = "universal"

@@ -9,7 +9,7 @@ For every external case that holds the tumour, the distance (mm) from the tumour
 Euclidean distance from a tumour voxel to a neighbour voxel of the ground truth, on the case's own grid. Cases are
 grouped by the ``--edges`` (mm); per group and model it prints the mean Dice, and the tumour volume missed (false
 negative) and falsely marked (false positive), in mL summed over the group's cases. Ground truth and predictions
-are read as the evaluation reads them (``universal.evaluate``), so the Dice per case is the benchmark's.
+are read as the evaluation reads them (``universal.evaluate.metrics``), so the Dice per case is the benchmark's.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from universal.catalog import DatasetEntry, find_cases, load_catalog
-from universal.classes import ClassTable, load_class_table
-from universal.evaluate import class_region, dice, predicted_mask
-from universal.harmonize import harmonize_case
-from universal.ome import read_prediction
-from universal.sides import right_of_midline
+from universal.core.classes import ClassTable, load_class_table
+from universal.core.sides import right_of_midline
+from universal.data.catalog import DatasetEntry, find_cases, load_catalog
+from universal.data.harmonize import harmonize_case
+from universal.evaluate.metrics import class_region, dice, predicted_mask
+from universal.infer.ome import read_prediction
 
 EXTERNAL = "demo_external"
 

@@ -20,7 +20,7 @@ import pandas as pd
 from bench_universal_vs_dataset import UNIVERSAL, class_means
 from scipy import stats
 
-from universal.classes import load_class_table
+from universal.core.classes import load_class_table
 
 
 def parse_args() -> argparse.Namespace:

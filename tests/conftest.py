@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from universal.catalog import load_catalog
-from universal.classes import load_class_table
+from universal.core.classes import load_class_table
+from universal.data.catalog import load_catalog
 
 REPO = Path(__file__).resolve().parent.parent
 

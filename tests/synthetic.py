@@ -15,8 +15,8 @@ def write_sphere_case(store: Path, case_id: str, classes, spheres, rng, dataset:
     ``spheres``: (class name, centre voxel, radius in voxels, HU) tuples, painted in order; ``annotated`` defaults
     to the classes painted.
     """
-    from universal.store import write_case
-    from universal.volume import Volume
+    from universal.core.volume import Volume
+    from universal.data.store import write_case
 
     grid = np.indices(SPHERE_SHAPE)
     affine = np.diag([2.0, 2.0, 2.0, 1.0])

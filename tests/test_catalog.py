@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from universal.catalog import (
+from universal.data.catalog import (
     CatalogError,
     default_catalog_path,
     find_cases,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import yaml
 
-from universal.classes import ClassTableError, default_class_table_path, load_class_table
+from universal.core.classes import ClassTableError, default_class_table_path, load_class_table
 
 PAPER_ORDER = [
     "Spleen", "Right Kidney", "Left Kidney", "Gall Bladder", "Esophagus", "Liver", "Stomach", "Aorta", "Postcava",

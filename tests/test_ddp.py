@@ -15,10 +15,11 @@ import pytest
 import torch
 from synthetic import write_sphere_case
 
-from universal.classes import load_class_table
-from universal.model import build_model, load_checkpoint, load_embeddings
-from universal.patches import PatchCollate, PatchDataset
-from universal.train import TrainConfig, train, train_config_from_options, train_step
+from universal.core.classes import load_class_table
+from universal.model.network import build_model, load_checkpoint, load_embeddings
+from universal.train.config import TrainConfig, train_config_from_options
+from universal.train.loop import train, train_step
+from universal.train.patches import PatchCollate, PatchDataset
 
 SHAPE = (40, 40, 40)
 REPO = Path(__file__).resolve().parent.parent

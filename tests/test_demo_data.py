@@ -9,11 +9,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from universal.catalog import find_cases, load_catalog
-from universal.classes import load_class_table
-from universal.demo_data import DEMO_DATASETS, case_id, case_seed, raw_label, to_kits_axes, write_demo_data
-from universal.phantom import make_phantom
-from universal.volume import Volume, load_nifti, resample
+from universal.core.classes import load_class_table
+from universal.core.volume import Volume, load_nifti, resample
+from universal.data.catalog import find_cases, load_catalog
+from universal.synthetic.demo_data import DEMO_DATASETS, case_id, case_seed, raw_label, to_kits_axes, write_demo_data
+from universal.synthetic.phantom import make_phantom
 
 CASES = 2
 EXTERNAL_CASES = 1

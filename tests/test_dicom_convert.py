@@ -1,4 +1,4 @@
-"""Tests of universal.dicom_convert: DICOM series (IDC downloads) to NIfTI, checked against SimpleITK."""
+"""Tests of universal.data.dicom_convert: DICOM series (IDC downloads) to NIfTI, checked against SimpleITK."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from mirrors import write_dicom_series
 
-from universal.catalog import load_catalog
-from universal.classes import load_class_table
-from universal.dicom_convert import REPORT_NAME, ConversionError, convert_series
-from universal.download import convert_idc_download
-from universal.mirrors import write_dicom_series
-from universal.volume import Volume, load_nifti
+from universal.core.classes import load_class_table
+from universal.core.volume import Volume, load_nifti
+from universal.data.catalog import load_catalog
+from universal.data.dicom_convert import REPORT_NAME, ConversionError, convert_series
+from universal.data.download.datasets import convert_idc_download
 
 TEMPLATE = "img/{PatientID}.nii.gz"
 

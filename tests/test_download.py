@@ -17,17 +17,12 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from universal import download
-from universal.catalog import load_catalog
-from universal.download import (
-    DownloadError,
-    apply_mirror,
-    check_manual,
-    checksum_record,
-    download_dataset,
-    fetch,
-    safe_extract,
-)
+import universal.data.download.fetch as fetch_module
+from universal.data.catalog import load_catalog
+from universal.data.download.archives import safe_extract
+from universal.data.download.datasets import MIRROR_ENV, apply_mirror, check_manual, download_dataset
+from universal.data.download.errors import DownloadError
+from universal.data.download.fetch import checksum_record, fetch
 
 PAYLOAD = bytes(range(256)) * 1024  # 256 KiB, every byte value
 FAST = {"backoff_s": 0.001, "timeout_s": 5}
@@ -100,7 +95,7 @@ class LocalServer(ThreadingHTTPServer):
 @pytest.fixture
 def server(monkeypatch):
     for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
-                 download.MIRROR_ENV):
+                 MIRROR_ENV):
         monkeypatch.delenv(name, raising=False)
     srv = LocalServer()
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -171,7 +166,7 @@ def test_a_complete_partial_file_is_accepted_after_416(server, tmp_path):
 def test_retries_after_503_with_backoff(server, tmp_path, caplog):
     server.fail_first = 2
     dest = tmp_path / "file.bin"
-    with caplog.at_level(logging.WARNING, logger="universal.download"):
+    with caplog.at_level(logging.WARNING, logger="universal.data.download"):
         fetch(f"{server.url}/data/file.bin", dest, sha256(PAYLOAD), **FAST)
     assert dest.read_bytes() == PAYLOAD
     assert len(server.requests) == 3
@@ -205,13 +200,13 @@ def test_a_server_that_always_truncates_fails_after_the_retries(server, tmp_path
 
 def test_unknown_checksum_is_recorded_with_a_warning_and_verified_later(server, tmp_path, caplog):
     dest = tmp_path / "file.bin"
-    with caplog.at_level(logging.WARNING, logger="universal.download"):
+    with caplog.at_level(logging.WARNING, logger="universal.data.download"):
         fetch(f"{server.url}/data/file.bin", dest, None, **FAST)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "no checksum was known" in warnings[0] and sha256(PAYLOAD) in warnings[0]
     assert checksum_record(dest).read_text().split()[0] == sha256(PAYLOAD)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="universal.download"):
+    with caplog.at_level(logging.WARNING, logger="universal.data.download"):
         fetch(f"{server.url}/data/file.bin", dest, None, **FAST)
     assert not caplog.records and len(server.requests) == 1  # verified against the record, not downloaded
     server.files["/data/file.bin"] = b"changed upstream"
@@ -221,7 +216,7 @@ def test_unknown_checksum_is_recorded_with_a_warning_and_verified_later(server, 
 
 
 def test_progress_goes_to_stderr(server, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(download, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(fetch_module, "PROGRESS_EVERY_S", 0.0)
     fetch(f"{server.url}/data/file.bin", tmp_path / "file.bin", sha256(PAYLOAD), chunk=64 << 10, **FAST)
     assert re.search(r"file\.bin: [\d.]+ MB of [\d.]+ MB \(\d+%\), [\d.]+ MB/s", capsys.readouterr().err)
 
@@ -437,7 +432,7 @@ def test_zenodo_dataset_through_a_mirror_with_md5(server, tmp_path, entries):
 def test_zenodo_md5_mismatch_is_refused(server, tmp_path, entries, monkeypatch):
     server.files["/records/123/files/a.nii.gz"] = PAYLOAD
     entry = entries(MD5_A="f" * 32, MD5_ZIP="f" * 32)["on_zenodo"]
-    monkeypatch.setenv(download.MIRROR_ENV, server.url)  # the environment gives the mirror
+    monkeypatch.setenv(MIRROR_ENV, server.url)  # the environment gives the mirror
     with pytest.raises(DownloadError, match=f"expected md5 {'f' * 32}, got {hashlib.md5(PAYLOAD).hexdigest()}"):
         download_dataset(entry, tmp_path / "on_zenodo", **FAST)
     assert not (tmp_path / "on_zenodo" / "a.nii.gz").exists()

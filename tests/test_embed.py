@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from universal.embed import EmbedError, EncoderSpec, embed_prompts, import_embeddings, save_embeddings
+from universal.embed.prompts import EmbedError, EncoderSpec, embed_prompts, import_embeddings, save_embeddings
 
 
 def test_import_original_table_matches_rows_by_name(classes, shared_data):

@@ -4,10 +4,10 @@ import pytest
 import torch
 from monai.metrics import compute_dice
 
-from universal.aggregate import aggregate
-from universal.evaluate import class_region, dice, evaluate_case, write_metrics
-from universal.sides import right_of_midline
-from universal.volume import Volume
+from universal.core.sides import right_of_midline
+from universal.core.volume import Volume
+from universal.evaluate.aggregate import aggregate
+from universal.evaluate.metrics import class_region, dice, evaluate_case, write_metrics
 
 
 def test_dice_matches_monai():

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from universal.catalog import Case
-from universal.harmonize import HarmonizeError, body_midline_x_mm, harmonize_case, harmonize_dataset, harmonize_labels
-from universal.store import list_cases, open_case
-from universal.volume import Volume, load_nifti, save_nifti
+from universal.core.sides import body_midline_x_mm
+from universal.core.volume import Volume, load_nifti, save_nifti
+from universal.data.catalog import Case
+from universal.data.harmonize import HarmonizeError, harmonize_case, harmonize_dataset, harmonize_labels
+from universal.data.store import list_cases, open_case
 
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
 

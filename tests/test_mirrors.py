@@ -1,6 +1,6 @@
 """Every catalog entry against a synthetic mirror of its dataset: native layout in, phantom ground truth out.
 
-For each dataset a mirror is written in its own layout and numbering (universal.mirrors), its cases are found
+For each dataset a mirror is written in its own layout and numbering (tests/mirrors.py), its cases are found
 with the catalog layout, harmonized, and the universal label map is compared class by class with the phantom:
 exactly the annotated classes appear, an unannotated tumour counts as its organ, dropped values are gone and
 bilateral organs come out on their anatomical side. The catalog's mappings are also checked against the
@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from mirrors import MIRRORS, mirror_phantom, write_mirror
 
-from universal.catalog import CatalogError, find_cases, load_catalog
-from universal.classes import load_class_table
-from universal.harmonize import harmonize_case
-from universal.layouts import LayoutError, annotated_classes, read_image, read_raw_label
-from universal.mirrors import MIRRORS, mirror_phantom, write_mirror
-from universal.targets import annotated_mask, multi_hot_targets
-from universal.volume import Volume, load_nifti, save_nifti
+from universal.core.classes import load_class_table
+from universal.core.volume import Volume, load_nifti, save_nifti
+from universal.data.catalog import CatalogError, find_cases, load_catalog
+from universal.data.harmonize import harmonize_case
+from universal.data.layouts import LayoutError, annotated_classes, read_image, read_raw_label
+from universal.train.targets import annotated_mask, multi_hot_targets
 
 CLASSES = load_class_table()
 CATALOG = load_catalog(None, CLASSES)
@@ -87,7 +87,7 @@ def test_mirror_harmonizes_to_the_phantom_truth(mirrors, key):
         case, phantom, result, raw = item["case"], item["phantom"], item["result"], item["raw"]
         name = f"{key}/{case.case_id}"
         annotated = annotated_classes(case, entry)
-        # per case (universal.layouts.annotated_classes) once harmonize_case reads per-structure layouts itself
+        # per case (universal.data.layouts.annotated_classes) once harmonize_case reads per-structure layouts itself
         assert result.attrs["annotated"] in (list(entry.annotated_for(case.case_id)), list(annotated))
         label = result.label.array
         assert label.shape == phantom.label.shape and label.dtype == np.uint8

@@ -1,4 +1,4 @@
-"""Tests of universal.model: the dynamic heads, backbones, embeddings loading and checkpoints."""
+"""Tests of universal.model.network: the dynamic heads, backbones, embeddings loading and checkpoints."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from universal.model import (
+from universal.model.network import (
     HEAD_SPLITS,
     ModelConfig,
     UniversalModel,

@@ -3,8 +3,8 @@ import json
 import numpy as np
 import zarr
 
-from universal.ome import read_prediction, union_label_map, write_prediction
-from universal.volume import Volume
+from universal.core.volume import Volume
+from universal.infer.ome import read_prediction, union_label_map, write_prediction
 
 
 def test_prediction_round_trip_and_metadata(classes, tmp_path):

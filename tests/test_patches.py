@@ -1,4 +1,4 @@
-"""Tests of universal.patches on a tiny synthetic zarr training store."""
+"""Tests of universal.train.patches on a tiny synthetic zarr training store."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from universal.classes import load_class_table
-from universal.patches import (
+from universal.core.classes import load_class_table
+from universal.core.volume import Volume
+from universal.data.store import write_case
+from universal.train.patches import (
     CaseIndex,
     PatchCollate,
     PatchConfig,
@@ -19,9 +21,7 @@ from universal.patches import (
     patch_loader,
     read_patch,
 )
-from universal.store import write_case
-from universal.targets import multi_hot_targets
-from universal.volume import Volume
+from universal.train.targets import multi_hot_targets
 
 SHAPE = (48, 48, 48)
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])

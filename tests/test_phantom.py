@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from universal.classes import load_class_table
-from universal.phantom import DEFAULT_SHAPE, DEFAULT_SPACING, Phantom, make_phantom
+from universal.core.classes import load_class_table
+from universal.synthetic.phantom import DEFAULT_SHAPE, DEFAULT_SPACING, Phantom, make_phantom
 
 SEEDS = (0, 1, 2, 3, 4, 5)
 CLASSES = load_class_table()

@@ -1,6 +1,6 @@
 import numpy as np
 
-from universal.postprocess import largest_component, postprocess_masks
+from universal.infer.postprocess import largest_component, postprocess_masks
 
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
 

@@ -15,10 +15,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from universal.catalog import Case, find_cases
-from universal.harmonize import harmonize_case
-from universal.layouts import read_raw_label
-from universal.volume import Volume, load_nifti, save_nifti
+from universal.core.volume import Volume, load_nifti, save_nifti
+from universal.data.catalog import Case, find_cases
+from universal.data.harmonize import harmonize_case
+from universal.data.layouts import read_raw_label
 
 pytestmark = pytest.mark.realdata
 

@@ -2,14 +2,14 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from universal.source_grid import label_map_on_source_grid
-from universal.volume import Volume, resample, resampled_shape
+from universal.core.volume import Volume, resample, resampled_shape
+from universal.infer.source_grid import label_map_on_source_grid
 
 GRID_SPACING = (4.0, 4.0, 4.0)
 
 
 def _whole_grid_reference(masks, probabilities, values, source_shape, source_spacing, threshold):
-    """The same rule computed on whole volumes with universal.volume.resample: no boxes."""
+    """The same rule computed on whole volumes with universal.core.volume.resample: no boxes."""
     affine = np.diag([*GRID_SPACING, 1.0])
     best = np.full(source_shape, -1.0, np.float32)
     labels = np.zeros(source_shape, np.uint8)

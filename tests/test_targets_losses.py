@@ -1,5 +1,5 @@
-"""Tests of universal.targets (multi-hot targets, side rule, annotated mask, exclusion negatives) and
-universal.losses."""
+"""Tests of universal.train.targets (multi-hot targets, side rule, annotated mask, exclusion negatives) and
+universal.train.losses."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 
-from universal.classes import load_class_table
-from universal.losses import MISSED_PROBABILITY, masked_bce_dice_loss
-from universal.targets import annotated_mask, exclusion_tables, known_negatives, multi_hot_targets
+from universal.core.classes import load_class_table
+from universal.train.losses import MISSED_PROBABILITY, masked_bce_dice_loss
+from universal.train.targets import annotated_mask, exclusion_tables, known_negatives, multi_hot_targets
 
 
 @pytest.fixture(scope="module")

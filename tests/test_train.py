@@ -1,4 +1,4 @@
-"""Tests of universal.train: a few steps on a tiny synthetic store, checkpoints and exact resumption."""
+"""Tests of universal.train.loop: a few steps on a tiny synthetic store, checkpoints and exact resumption."""
 
 from __future__ import annotations
 
@@ -11,20 +11,14 @@ import pytest
 import torch
 from synthetic import write_sphere_case
 
-import universal.train as train_module
-from universal.classes import load_class_table
-from universal.cpu_bf16 import convolution_cases, weight_gradient_error
-from universal.model import ModelConfig, UniversalModel, build_model, load_checkpoint
-from universal.patches import PatchConfig
-from universal.train import (
-    TrainConfig,
-    latest_checkpoint,
-    lr_at_step,
-    rng_state,
-    set_rng_state,
-    train,
-    train_config_from_options,
-)
+import universal.train.loop as train_module
+from universal.core.classes import load_class_table
+from universal.model.network import ModelConfig, UniversalModel, build_model, load_checkpoint
+from universal.train.checkpoints import latest_checkpoint, parameter_groups, rng_state, set_rng_state
+from universal.train.config import TrainConfig, lr_at_step, train_config_from_options
+from universal.train.cpu_bf16 import convolution_cases, weight_gradient_error
+from universal.train.loop import train
+from universal.train.patches import PatchConfig
 
 SHAPE = (40, 40, 40)
 TINY_UNET = ModelConfig(backbone="unet", features=(8, 8, 16, 16, 32, 8))
@@ -103,22 +97,6 @@ def test_resumed_run_repeats_the_uninterrupted_losses(inputs: dict, tmp_path: Pa
     assert _losses(broken) == _losses(whole)
 
 
-def test_checkpoint_without_lr_scales_resumes(inputs: dict, tmp_path: Path) -> None:
-    """A resumable checkpoint written before the head generator had its own rate (one AdamW group, no
-    ``lr_scale``) resumes at the default scale and repeats the uninterrupted losses."""
-    whole = tmp_path / "whole"
-    train(_config(inputs, whole))
-    old = tmp_path / "old"
-    (old / "checkpoints").mkdir(parents=True)
-    record = torch.load(whole / "checkpoints" / "step_00000003.pt", weights_only=True)
-    (group,) = record["extra"]["optimizer"]["param_groups"]
-    del group["lr_scale"]
-    torch.save(record, old / "checkpoints" / "step_00000003.pt")
-    (old / "train_log.csv").write_text((whole / "train_log.csv").read_text())
-    train(_config(inputs, old))
-    assert _losses(old) == _losses(whole)
-
-
 def test_head_generator_trains_at_its_own_learning_rate(inputs: dict, tmp_path: Path) -> None:
     train(_config(inputs, tmp_path, generator_lr_scale=0.1, steps=4, checkpoint_every=4))
     record = torch.load(latest_checkpoint(tmp_path), weights_only=True)
@@ -126,7 +104,7 @@ def test_head_generator_trains_at_its_own_learning_rate(inputs: dict, tmp_path: 
     assert rest["lr"] == pytest.approx(lr_at_step(3, _config(inputs, tmp_path, steps=4)))
     assert generator["lr"] == pytest.approx(0.1 * rest["lr"])
     model, _ = load_checkpoint(tmp_path / "final.pt")
-    groups = train_module._parameter_groups(model, 0.1)
+    groups = parameter_groups(model, 0.1)
     names = {id(parameter): name for name, parameter in model.named_parameters()}
     assert [names[id(p)] for p in groups[1]["params"]] == ["text_to_vision.weight", "text_to_vision.bias",
                                                            "controller.weight", "controller.bias"]

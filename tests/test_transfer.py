@@ -12,9 +12,10 @@ import torch
 from synthetic import write_sphere_case
 
 from universal import cli
-from universal.classes import load_class_table
-from universal.model import HEAD_MODULES, ModelConfig, build_model, load_checkpoint, save_checkpoint
-from universal.train import train, train_config_from_options
+from universal.core.classes import load_class_table
+from universal.model.network import HEAD_MODULES, ModelConfig, build_model, load_checkpoint, save_checkpoint
+from universal.train.config import train_config_from_options
+from universal.train.loop import train
 
 SHAPE = (40, 40, 40)
 NOVEL = "Novel Structure"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from universal.volume import Volume, VolumeError, load_nifti, resample, save_nifti
+from universal.core.volume import Volume, VolumeError, load_nifti, resample, save_nifti
 
 
 def _sitk_resample(array: np.ndarray, spacing, origin, out_shape, out_spacing, interpolator) -> np.ndarray:

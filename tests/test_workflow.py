@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from universal.catalog import read_manifest
-from universal.ome import read_prediction
-from universal.volume import load_nifti
+from universal.core.volume import load_nifti
+from universal.data.catalog import read_manifest
+from universal.infer.ome import read_prediction
 
 REPO = Path(__file__).resolve().parent.parent
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]

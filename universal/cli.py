@@ -9,8 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from universal.catalog import CatalogError, find_cases, load_catalog, read_manifest, select_batch, write_manifest
-from universal.classes import ClassTableError, load_class_table
+from universal.core.classes import ClassTableError, load_class_table
+from universal.data.catalog import CatalogError, find_cases, load_catalog, read_manifest, select_batch, write_manifest
 
 
 def _add_tables(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +39,7 @@ def _entry(args: argparse.Namespace):
 
 
 def cmd_demo_data(args: argparse.Namespace) -> None:
-    from universal.demo_data import write_demo_data
+    from universal.synthetic.demo_data import write_demo_data
 
     roots = write_demo_data(args.out, cases_per_dataset=args.cases, external_cases=args.external_cases,
                             seed=args.seed)
@@ -48,7 +48,7 @@ def cmd_demo_data(args: argparse.Namespace) -> None:
 
 
 def cmd_download(args: argparse.Namespace) -> None:
-    from universal.download import download_dataset
+    from universal.data.download.datasets import download_dataset
 
     _, entry = _entry(args)
     root = download_dataset(entry, args.root, mirror=args.mirror, retries=args.retries, timeout_s=args.timeout)
@@ -59,7 +59,7 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 def cmd_dicom_to_nifti(args: argparse.Namespace) -> None:
-    from universal.dicom_convert import convert_series, status_counts
+    from universal.data.dicom_convert import convert_series, status_counts
 
     counts = status_counts(convert_series(args.input, args.out, args.image, args.modality))
     print(f"[dicom-to-nifti] {args.input}: {counts} (report {args.out}/conversion.tsv)", file=sys.stderr)
@@ -75,7 +75,7 @@ def cmd_manifest(args: argparse.Namespace) -> None:
 
 
 def cmd_harmonize(args: argparse.Namespace) -> None:
-    from universal.harmonize import harmonize_dataset
+    from universal.data.harmonize import harmonize_dataset
 
     classes, entry = _entry(args)
     cases = read_manifest(args.manifest)
@@ -85,7 +85,7 @@ def cmd_harmonize(args: argparse.Namespace) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
-    from universal.embed import EncoderSpec, embed_prompts, import_embeddings, save_embeddings
+    from universal.embed.prompts import EncoderSpec, embed_prompts, import_embeddings, save_embeddings
 
     classes = _classes(args)
     if args.from_file:
@@ -105,7 +105,8 @@ def cmd_embed(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from universal.train import train, train_config_from_options
+    from universal.train.config import train_config_from_options
+    from universal.train.loop import train
 
     options = json.loads(args.options) if args.options else {}
     if not isinstance(options, dict):
@@ -123,7 +124,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_infer(args: argparse.Namespace) -> None:
-    from universal.infer import InferenceSettings, infer_cases
+    from universal.infer.predict import InferenceSettings, infer_cases
 
     classes = _classes(args)
     cases = read_manifest(args.manifest)
@@ -138,7 +139,7 @@ def cmd_infer(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from universal.evaluate import evaluate_predictions
+    from universal.evaluate.metrics import evaluate_predictions
 
     classes, entry = _entry(args)
     cases = select_batch(read_manifest(args.manifest), args.batch, args.batches)
@@ -146,7 +147,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_aggregate(args: argparse.Namespace) -> None:
-    from universal.aggregate import aggregate
+    from universal.evaluate.aggregate import aggregate
 
     classes = _classes(args)
     paths = sorted(p for folder in args.metrics for p in Path(folder).glob("*.tsv"))
@@ -271,10 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from universal.download import DownloadError
-    from universal.embed import EmbedError
-    from universal.harmonize import HarmonizeError
-    from universal.volume import VolumeError
+    from universal.core.volume import VolumeError
+    from universal.data.download.errors import DownloadError
+    from universal.data.harmonize import HarmonizeError
+    from universal.embed.prompts import EmbedError
 
     try:
         args.func(args)

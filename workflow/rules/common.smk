@@ -4,8 +4,8 @@ from pathlib import Path
 import pandas as pd
 from snakemake.utils import validate
 
-from universal.catalog import load_catalog
-from universal.classes import load_class_table
+from universal.data.catalog import load_catalog
+from universal.core.classes import load_class_table
 
 
 validate(config, schema="../schemas/config.schema.yaml")

@@ -83,7 +83,7 @@ rule sample_sheet_manifest:
         mem_mb=1000,
         runtime=10,
     run:
-        from universal.catalog import Case, write_manifest
+        from universal.data.catalog import Case, write_manifest
 
         sheet = load_sample_sheet(input[0])
         cases = [Case(SAMPLE_SHEET, row.case_id, Path(row.image).resolve(), None) for row in sheet.itertuples()]

@@ -1,0 +1,17 @@
+"""Tab-separated tables written atomically: a temporary file next to the target, renamed when complete."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from universal.core.atomic import atomic_output
+
+
+def write_tsv(path: str | Path, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """Write a header and rows as TSV to ``path`` (parents created, written atomically); None becomes ""."""
+    with atomic_output(path) as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(["" if value is None else value for value in row] for row in rows)

@@ -1,0 +1,1 @@
+"""Stage 4, embed: one CLIP text embedding per class of the class table."""

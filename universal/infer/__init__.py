@@ -1,0 +1,2 @@
+"""Stage 6, infer: sliding-window prediction, post-processing, mapping back onto the CT's grid, and the
+OME-Zarr and NIfTI outputs."""

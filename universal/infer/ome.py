@@ -1,0 +1,104 @@
+"""Prediction outputs as OME-Zarr 0.5 (zarr v3): the CT image plus ``labels/organs`` and ``labels/tumours``.
+
+Arrays are stored in (z, y, x) order, the transpose of the RAS+ (x, y, z) arrays used in memory, so that
+napari and other OME-Zarr viewers show axial slices; ``scale`` and ``translation`` are in millimetres (RAS+).
+Organs and tumours are two label images because a tumour overlaps its organ. The full voxel-to-RAS affine and
+the source file's own affine are kept under the ``universal`` attribute so predictions map back to the input CT
+exactly, including any obliquity that OME-Zarr 0.5's scale/translation cannot express.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import zarr
+from ome_zarr.format import FormatV05
+from ome_zarr.writer import write_multiscale, write_multiscale_labels
+
+from universal.core.atomic import atomic_output
+from universal.core.classes import ClassTable, UniversalClass
+from universal.core.volume import Volume
+
+AXES = [{"name": axis, "type": "space", "unit": "millimeter"} for axis in ("z", "y", "x")]
+LABEL_GROUPS = ("organs", "tumours")
+CHUNKS = (64, 128, 128)
+
+
+def _transforms(volume: Volume) -> list[list[dict]]:
+    spacing = list(volume.spacing)[::-1]
+    origin = list(volume.origin)[::-1]
+    return [[{"type": "scale", "scale": spacing}, {"type": "translation", "translation": origin}]]
+
+
+def _storage(shape: tuple[int, ...]) -> dict:
+    return {"chunks": tuple(min(c, n) for c, n in zip(CHUNKS, shape, strict=True))}
+
+
+def _label_metadata(rows: list[UniversalClass]) -> dict:
+    return {
+        "colors": [{"label-value": c.index, "rgba": [*c.colour, 255]} for c in rows],
+        "properties": [{"label-value": c.index, "class": c.name, "kind": c.kind} for c in rows],
+    }
+
+
+def write_prediction(path: str | Path, image: Volume, organs: np.ndarray, tumours: np.ndarray,
+                     classes: ClassTable, attrs: dict) -> None:
+    """Write one case's prediction group atomically (:func:`~universal.core.atomic.atomic_output`).
+
+    ``image`` is the CT (RAS+, int16 HU); ``organs`` and ``tumours`` are uint8 universal label maps on its grid.
+    """
+    with atomic_output(path) as tmp:
+        _write_case_group(tmp, image, organs, tumours, classes, attrs)
+
+
+def _write_case_group(tmp: Path, image: Volume, organs: np.ndarray, tumours: np.ndarray, classes: ClassTable,
+                      attrs: dict) -> None:
+    root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+    with warnings.catch_warnings():
+        # ome-zarr deprecates coordinate_transformations in favour of `scale`, which cannot carry a translation
+        warnings.simplefilter("ignore", DeprecationWarning)
+        _write_groups(root, image, organs, tumours, classes, Path(attrs.get("case_id", "image")).name)
+    root.attrs["universal"] = {**attrs, "affine_ras": image.affine.tolist(), "array_order": "zyx",
+                               "classes": [{"index": c.index, "name": c.name, "kind": c.kind} for c in classes]}
+
+
+def _write_groups(root: zarr.Group, image: Volume, organs: np.ndarray, tumours: np.ndarray, classes: ClassTable,
+                  name: str) -> None:
+    fmt = FormatV05()
+    zyx = image.array.transpose(2, 1, 0)
+    write_multiscale([zyx], root, fmt=fmt, axes=AXES, coordinate_transformations=_transforms(image),
+                     storage_options=_storage(zyx.shape), name=name)
+    for name, labels, rows in (("organs", organs, classes.organs()), ("tumours", tumours, classes.tumours())):
+        write_multiscale_labels([labels.transpose(2, 1, 0)], root, name=name, fmt=fmt, axes=AXES,
+                                coordinate_transformations=_transforms(image), storage_options=_storage(zyx.shape),
+                                label_metadata=_label_metadata(rows))
+
+
+def read_prediction(path: str | Path) -> tuple[Volume, np.ndarray, np.ndarray, dict]:
+    """Read a prediction group back as (image, organs, tumours, universal attrs), arrays in RAS+ (x, y, z)."""
+    root = zarr.open_group(str(path), mode="r", zarr_format=3)
+    meta = dict(root.attrs["universal"])
+    affine = np.asarray(meta["affine_ras"], dtype=np.float64)
+    image = Volume(_full_resolution(root)[...].transpose(2, 1, 0), affine)
+    organs = _full_resolution(root["labels/organs"])[...].transpose(2, 1, 0)
+    tumours = _full_resolution(root["labels/tumours"])[...].transpose(2, 1, 0)
+    return image, organs, tumours, meta
+
+
+def _full_resolution(group: zarr.Group) -> zarr.Array:
+    """The first (full-resolution) dataset of a multiscale group, by its OME metadata."""
+    return group[group.attrs["ome"]["multiscales"][0]["datasets"][0]["path"]]
+
+
+def union_label_map(organs: np.ndarray, tumours: np.ndarray) -> np.ndarray:
+    """One exclusive universal label map: tumour values over organ values."""
+    return np.where(tumours > 0, tumours, organs).astype(np.uint8)
+
+
+def clear(path: str | Path) -> None:
+    """Remove a prediction group (and its partial twin) if present."""
+    for p in (Path(path), Path(str(path) + ".partial")):
+        shutil.rmtree(p, ignore_errors=True)

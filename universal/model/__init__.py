@@ -1,0 +1,1 @@
+"""The CLIP-driven universal model: backbones, text-generated class heads and the checkpoint format."""
