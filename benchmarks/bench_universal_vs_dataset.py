@@ -16,7 +16,7 @@ What runs, with the library functions the workflow's rules call:
    dataset sampling weights;
 3. one model per training dataset, same architecture and settings, each trained on its own store for
    ``--steps / N`` steps (N datasets): the same total compute, in steps of the same batch of patches;
-4. every model predicts the ``--external-cases`` external phantoms (``universal.infer.predict.infer_cases``:
+4. every model predicts the ``--external-cases`` external phantoms (``universal.infer.batch.infer_cases``:
    probabilities mapped back onto each phantom's grid) and is scored by
    ``universal.evaluate.metrics.evaluate_predictions`` (Dice per
    case and class on the source grid); a model predicts only the classes its training data annotate;
@@ -50,7 +50,8 @@ from universal.data.catalog import find_cases, load_catalog
 from universal.data.harmonize import harmonize_dataset
 from universal.embed.prompts import EncoderSpec, embed_prompts, import_embeddings, save_embeddings
 from universal.evaluate.metrics import evaluate_predictions
-from universal.infer.predict import InferenceSettings, infer_cases
+from universal.infer.batch import infer_cases, load_run
+from universal.infer.settings import InferenceSettings
 from universal.synthetic.demo_data import DEMO_DATASETS, write_demo_data
 from universal.train.config import train_config_from_options
 from universal.train.loop import train
@@ -113,20 +114,28 @@ def train_model(work: Path, name: str, stores: list[Path], weights: list[float],
     return final
 
 
-def settings_from_config(config: dict, spacing: float) -> InferenceSettings:
+def settings_from_config(config: dict) -> InferenceSettings:
+    """The config's inference settings; the grid, window and ROI come from each checkpoint."""
     infer = config["infer"]
-    return InferenceSettings(spacing=(spacing,) * 3, roi=tuple(infer["roi"]), overlap=infer["overlap"],
-                             sw_batch_size=infer["sw_batch_size"], threshold=infer["threshold"], device="cpu")
+    return InferenceSettings(overlap=infer["overlap"], sw_batch_size=infer["sw_batch_size"],
+                             threshold=infer["threshold"], device="cpu")
+
+
+def predict(cases: list, checkpoint: Path, classes, out_dir: Path, settings: InferenceSettings) -> Path:
+    """Load the model and predict ``cases`` into ``out_dir``, as one inference batch does; returns the report."""
+    report = out_dir / "batch_0.tsv"
+    infer_cases(cases, load_run(checkpoint, classes, settings), classes, out_dir, report)
+    return report
 
 
 def evaluate_model(work: Path, name: str, checkpoint: Path, cases: list, entry, classes,
                    settings: InferenceSettings) -> pd.DataFrame:
     """Predict and score the external cases with one model; rows (case_id, class, dice, predicted, ...)."""
     predictions = work / "predictions" / name
-    if not all((predictions / f"{case.case_id}.ome.zarr").exists() for case in cases):
-        infer_cases(cases, checkpoint, classes, predictions, settings)
+    report = predict(cases, checkpoint, classes, predictions, settings)
     metrics = work / "metrics" / name
-    paths = evaluate_predictions(cases, entry, classes, predictions, metrics)
+    paths = evaluate_predictions(cases, entry, classes, predictions, report, metrics, work / "metrics" /
+                                 f"{name}.failures.tsv")
     table = pd.concat([pd.read_csv(path, sep="\t") for path in paths], ignore_index=True)
     return table.assign(model=name)
 
@@ -140,12 +149,12 @@ def one_case_seconds(work: Path, checkpoints: dict[str, Path], case, classes, se
     whichever model was being timed then.
     """
     first = next(iter(checkpoints.values()))
-    infer_cases([case], first, classes, work / "timing" / "warm_up", settings)
+    predict([case], first, classes, work / "timing" / "warm_up", settings)
     times: dict[str, list[float]] = {name: [] for name in checkpoints}
     for repeat in range(repeats):
         for name, checkpoint in checkpoints.items():
             began = time.perf_counter()
-            infer_cases([case], checkpoint, classes, work / "timing" / f"{name}_{repeat}", settings)
+            predict([case], checkpoint, classes, work / "timing" / f"{name}_{repeat}", settings)
             times[name].append(time.perf_counter() - began)
     return {name: min(values) for name, values in times.items()}
 
@@ -187,7 +196,7 @@ def run_seed(work: Path, seed: int, args: argparse.Namespace, config: dict, clas
                                        timings)
     summary_path.write_text(json.dumps(summary, indent=1))
 
-    settings = settings_from_config(config, args.spacing)
+    settings = settings_from_config(config)
     tables = [evaluate_model(work, name, path, cases[external], catalog[external], classes, settings)
               for name, path in checkpoints.items()]
     scores = pd.concat(tables, ignore_index=True)

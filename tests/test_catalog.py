@@ -12,6 +12,8 @@ from universal.data.catalog import (
     read_manifest,
     write_manifest,
 )
+from universal.data.download.datasets import download_dataset
+from universal.data.download.errors import DownloadError
 
 
 def test_demo_entries_parse(catalog):
@@ -77,6 +79,32 @@ def test_private_dataset_is_one_entry(classes, tmp_path):
     path.write_text(yaml.safe_dump(doc))
     felix = load_catalog(path, classes)["felix"]
     assert felix.annotated == ("Pancreas", "Pancreas Tumor")
+
+
+def _local_entry(classes, tmp_path, layout: dict, role: str):
+    doc = {"datasets": {"mine": {"name": "Ours", "licence": "private", "source": {"kind": "local"},
+                                 "layout": layout, "labels": {1: "Liver"}, "role": role}}}
+    path = tmp_path / "datasets.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return load_catalog(path, classes)["mine"]
+
+
+def test_a_local_external_dataset_lists_unlabelled_cts(classes, tmp_path):
+    entry = _local_entry(classes, tmp_path, {"kind": "pattern", "image": "ct/{case}.nii.gz"}, "external")
+    root = tmp_path / "mine"
+    with pytest.raises(DownloadError, match="local dataset and is not complete"):
+        download_dataset(entry, root)
+    for case in ("p01", "p02"):
+        (root / "ct").mkdir(parents=True, exist_ok=True)
+        (root / "ct" / f"{case}.nii.gz").write_bytes(b"")
+    assert download_dataset(entry, root) == root
+    cases = find_cases(entry, root)
+    assert [(c.case_id, c.label) for c in cases] == [("p01", None), ("p02", None)] and not entry.labelled
+
+
+def test_a_training_dataset_without_labels_is_refused(classes, tmp_path):
+    with pytest.raises(CatalogError, match=r"a training dataset needs labels: give layout\.label"):
+        _local_entry(classes, tmp_path, {"kind": "pattern", "image": "ct/{case}.nii.gz"}, "train")
 
 
 @pytest.mark.parametrize(("labels", "message"), [

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from synthetic import write_sphere_case
 
 from universal.core.classes import load_class_table
@@ -71,9 +71,11 @@ def _first_step_losses(config: TrainConfig, world_size: int) -> list[float]:
 
 def test_torchrun_two_cpu_processes(inputs: dict, tmp_path: Path) -> None:
     out_dir = tmp_path / "ddp"
+    settings = tmp_path / "train_settings.yaml"
+    settings.write_text(yaml.safe_dump(OPTIONS))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "universal.cli", "train", "--stores", *inputs["stores"], "--embeddings", inputs["embeddings"],
-               "--out-dir", str(out_dir), "--options", json.dumps(OPTIONS)]
+               "--out-dir", str(out_dir), "--settings", str(settings)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:  # meanwhile, the references: each rank's first loss, and a one-process run

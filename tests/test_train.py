@@ -313,3 +313,11 @@ def test_config_from_flat_options(inputs: dict, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="bogus"):
         train_config_from_options({"bogus": 1}, stores=[], weights=None, embeddings="e", classes=None,
                                   include_classes=[], out_dir=tmp_path)
+
+
+def test_checkpoints_record_the_grid_window_and_roi_inference_needs(inputs: dict, tmp_path: Path) -> None:
+    train(_config(inputs, tmp_path, steps=3, checkpoint_every=3))
+    for path in (tmp_path / "final.pt", latest_checkpoint(tmp_path)):
+        record = torch.load(path, weights_only=True)
+        assert record["preprocessing"] == {"spacing_mm": [2.0, 2.0, 2.0], "window_hu": [-175.0, 250.0],
+                                           "roi": [32, 32, 32], "orientation": "RAS"}

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from synthetic import write_sphere_case
 
 from universal import cli
@@ -55,9 +55,11 @@ def inputs(tmp_path_factory) -> dict:
 
 
 def _finetune_args(inputs: dict, out_dir: Path, options: dict) -> list[str]:
+    settings = out_dir.with_name(out_dir.name + "_settings.yaml")
+    settings.parent.mkdir(parents=True, exist_ok=True)
+    settings.write_text(yaml.safe_dump(options))
     return ["train", "--classes", str(inputs["table"]), "--include-class", NOVEL, "--stores", str(inputs["store"]),
-            "--embeddings", str(inputs["novel_embeddings"]), "--out-dir", str(out_dir),
-            "--options", json.dumps(options)]
+            "--embeddings", str(inputs["novel_embeddings"]), "--out-dir", str(out_dir), "--settings", str(settings)]
 
 
 def _changed(before: dict, after: dict, prefix: str) -> bool:

@@ -23,7 +23,7 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 def _deploy(target: Path, overrides: dict) -> Path:
     """A working directory with the workflow linked in and a config derived from the demo config."""
-    for name in ("Snakefile", "workflow", "profiles"):
+    for name in ("workflow", "profiles"):
         (target / name).symlink_to(REPO / name)
     (target / "config").mkdir()
     for name in ("classes.yaml", "datasets.yaml"):
@@ -80,7 +80,7 @@ def test_ruff_is_clean():
 
 
 @pytest.mark.slow
-def test_demo_workflow_end_to_end(tmp_path, classes):
+def test_demo_workflow_end_to_end(tmp_path, classes, shared_data):
     workdir = _deploy(tmp_path, {"demo": {"cases_per_dataset": 2, "external_cases": 2},
                                  "train": {"steps": 6, "checkpoint_every": 3, "num_workers": 0}})
     result = _snakemake(workdir, "--cores", "2")
@@ -99,8 +99,10 @@ def test_demo_workflow_end_to_end(tmp_path, classes):
 
     cases = read_manifest(results / "manifests" / "demo_external.tsv")
     assert len(cases) == 2
+    folder = results / "predictions" / "demo_external"
     for batch, case in enumerate(cases):  # two batches: case i goes to batch i % 2
-        folder = results / "predictions" / "demo_external" / f"batch_{batch}"
+        report = pd.read_csv(folder / f"batch_{batch}.tsv", sep="\t")
+        assert report["case_id"].tolist() == [case.case_id] and report["status"].tolist() == ["ok"]
         image, organs, tumours, _ = read_prediction(folder / f"{case.case_id}.ome.zarr")
         source = load_nifti(workdir / case.image)  # manifest paths are relative to the working directory
         assert organs.shape == source.shape and tumours.shape == source.shape
@@ -115,6 +117,50 @@ def test_demo_workflow_end_to_end(tmp_path, classes):
     assert set(per_case.groupby("case_id")["class"].nunique()) == {len(classes)}
     assert (results / "evaluation" / "dice_per_class.png").stat().st_size > 1000
 
+    assert pd.read_csv(results / "evaluation" / "failed_cases.tsv", sep="\t").empty
+
     report = _snakemake(workdir, "--report", "report.html")
     assert report.returncode == 0, report.stderr[-3000:]
     assert "dice_per_class.png" in (workdir / "report.html").read_text()
+
+    _infer_external_as_users_type_it(workdir, shared_data)
+
+
+def _infer_external_as_users_type_it(workdir: Path, shared_data: Path) -> None:
+    """`snakemake infer_external` with a two-row sample sheet of real CTs and the demo's trained checkpoint: only
+    the sample sheet's manifest and inference jobs run, predictions land in results/predictions/<sheet name>/, on
+    each input's own grid, and a second run has nothing to do."""
+    (workdir / "elsewhere").mkdir()
+    model = workdir / "elsewhere" / "model.pt"
+    shutil.copy(workdir / "results" / "model" / "final.pt", model)
+    sheet = workdir / "cases.tsv"
+    ct = shared_data / "totalsegmentator"
+    sheet.write_text(f"case_id\timage\nsmall\t{ct / 'example_ct_sm.nii.gz'}\nwhole\t{ct / 'example_ct.nii.gz'}\n")
+    typed = ["infer_external", "--cores", "2", "--config", f"external_samples={sheet}", f"model={model}"]
+    dry = _snakemake(workdir, *typed, "-n")
+    assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
+    stats = _job_counts(dry.stdout)
+    assert stats == {"sample_sheet_manifest": 1, "infer": 2, "infer_external": 1, "total": 4}, dry.stdout[-3000:]
+    run = _snakemake(workdir, *typed)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    folder = workdir / "results" / "predictions" / "cases"
+    for case_id, name in (("small", "example_ct_sm.nii.gz"), ("whole", "example_ct.nii.gz")):
+        image, organs, _, meta = read_prediction(folder / f"{case_id}.ome.zarr")
+        source = load_nifti(ct / name)
+        assert organs.shape == source.shape and meta["checkpoint"] == str(model)
+        np.testing.assert_allclose(image.affine, source.affine, atol=1e-4)
+        assert meta["spacing_model_mm"] == [4.0, 4.0, 4.0]  # the checkpoint's grid, though the config says nothing
+    again = _snakemake(workdir, *typed, "-n")
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, again.stdout[-2000:]
+
+
+def _job_counts(output: str) -> dict[str, int]:
+    """The job stats table of a Snakemake run as {rule: count}."""
+    lines = output[output.index("Job stats:"):].splitlines()[3:]
+    counts = {}
+    for line in lines:
+        words = line.split()
+        if len(words) != 2 or not words[1].isdigit():
+            break
+        counts[words[0]] = int(words[1])
+    return counts

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from pathlib import Path
 
+import yaml
+
 from universal.core.classes import ClassTableError, load_class_table
 from universal.data.catalog import CatalogError, find_cases, load_catalog, read_manifest, select_batch, write_manifest
+
+log = logging.getLogger("universal")
 
 
 def _add_tables(parser: argparse.ArgumentParser) -> None:
@@ -19,11 +22,11 @@ def _add_tables(parser: argparse.ArgumentParser) -> None:
                         help="switch on a disabled class-table row (repeatable), e.g. 'Kidney Cyst'")
 
 
-def _add_catalog(parser: argparse.ArgumentParser) -> None:
+def _add_catalog(parser: argparse.ArgumentParser, dataset_required: bool = True) -> None:
     _add_tables(parser)
     parser.add_argument("--catalog", type=Path, default=None,
                         help="dataset catalog YAML (default: config/datasets.yaml)")
-    parser.add_argument("--dataset", required=True, help="catalog key of the dataset")
+    parser.add_argument("--dataset", required=dataset_required, help="catalog key of the dataset")
 
 
 def _classes(args: argparse.Namespace):
@@ -55,23 +58,30 @@ def cmd_download(args: argparse.Namespace) -> None:
     if args.done:
         args.done.parent.mkdir(parents=True, exist_ok=True)
         args.done.write_text(f"{entry.key}\t{entry.source['kind']}\t{root}\n")
-    print(f"[download] {entry.key}: ready in {root}", file=sys.stderr)
+    log.info("%s: ready in %s", entry.key, root)
 
 
 def cmd_dicom_to_nifti(args: argparse.Namespace) -> None:
     from universal.data.dicom_convert import convert_series, status_counts
 
     counts = status_counts(convert_series(args.input, args.out, args.image, args.modality))
-    print(f"[dicom-to-nifti] {args.input}: {counts} (report {args.out}/conversion.tsv)", file=sys.stderr)
+    log.info("%s: %s (report %s/conversion.tsv)", args.input, counts, args.out)
     if counts["failed"]:
         raise ValueError(f"{counts['failed']} series could not be converted; see {args.out}/conversion.tsv")
 
 
 def cmd_manifest(args: argparse.Namespace) -> None:
-    _, entry = _entry(args)
-    cases = find_cases(entry, args.root)
+    if args.sample_sheet is not None:
+        from universal.data.samples import read_sample_sheet
+
+        cases, source = read_sample_sheet(args.sample_sheet), str(args.sample_sheet)
+    else:
+        if args.dataset is None or args.root is None:
+            raise ValueError("give --dataset and --root (a catalog dataset) or --sample-sheet")
+        _, entry = _entry(args)
+        cases, source = find_cases(entry, args.root), entry.key
     write_manifest(cases, args.out)
-    print(f"[manifest] {entry.key}: {len(cases)} cases -> {args.out}", file=sys.stderr)
+    log.info("%s: %d cases -> %s", source, len(cases), args.out)
 
 
 def cmd_harmonize(args: argparse.Namespace) -> None:
@@ -80,8 +90,7 @@ def cmd_harmonize(args: argparse.Namespace) -> None:
     classes, entry = _entry(args)
     cases = read_manifest(args.manifest)
     failed = harmonize_dataset(cases, entry, classes, args.out, tuple(args.spacing), args.report)
-    print(f"[harmonize] {entry.key}: {len(cases) - len(failed)} cases written, {len(failed)} failed "
-          f"(see {args.report})", file=sys.stderr)
+    log.info("%s: %d cases written, %d failed (see %s)", entry.key, len(cases) - len(failed), len(failed), args.report)
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
@@ -99,18 +108,16 @@ def cmd_embed(args: argparse.Namespace) -> None:
                             "embeddings carry no language knowledge; use this for demos and tests only")
         record = embed_prompts(classes, spec)
     save_embeddings(record, args.out)
-    print(f"[embed] {len(record['class_names'])} classes x {record['embeddings'].shape[1]} dims "
-          f"({record['encoder'].get('model')}, pretrained={record['encoder'].get('pretrained')}) -> {args.out}",
-          file=sys.stderr)
+    log.info("%d classes x %d dims (%s, pretrained=%s) -> %s", len(record["class_names"]),
+             record["embeddings"].shape[1], record["encoder"].get("model"), record["encoder"].get("pretrained"),
+             args.out)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from universal.train.config import train_config_from_options
     from universal.train.loop import train
 
-    options = json.loads(args.options) if args.options else {}
-    if not isinstance(options, dict):
-        raise ValueError(f"--options must be a JSON object, got {args.options!r}")
+    options = _read_settings(args.settings) if args.settings else {}
     if args.init_checkpoint is not None:
         options["init_checkpoint"] = str(args.init_checkpoint)
     if args.trainable is not None:
@@ -120,22 +127,43 @@ def cmd_train(args: argparse.Namespace) -> None:
                                        include_classes=args.include_class, out_dir=args.out_dir)
     final = train(config)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"[train] final checkpoint: {final}", file=sys.stderr)
+        log.info("final checkpoint: %s", final)
 
 
-def cmd_infer(args: argparse.Namespace) -> None:
-    from universal.infer.predict import InferenceSettings, infer_cases
+def _read_settings(path: Path) -> dict:
+    """A YAML (or JSON) mapping of training settings, e.g. the workflow's ``train_settings.yaml``."""
+    try:
+        settings = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"{path}: cannot read training settings: {err}") from err
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: training settings must be a mapping of option: value")
+    return settings
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from universal.infer.batch import infer_cases, load_run
+    from universal.infer.settings import InferenceSettings
 
     classes = _classes(args)
-    cases = read_manifest(args.manifest)
-    chosen = select_batch(cases, args.batch, args.batches)
-    settings = InferenceSettings(spacing=tuple(args.spacing), window_hu=tuple(args.window), roi=tuple(args.roi),
-                                 overlap=args.overlap, sw_batch_size=args.sw_batch_size, threshold=args.threshold,
-                                 device=args.device, export_nifti=args.nifti)
-    failed = infer_cases(chosen, args.checkpoint, classes, args.out, settings)
-    if failed:
-        print(f"[infer] {len(failed)} of {len(chosen)} cases failed: {failed} (see {args.out}/failed.tsv)",
-              file=sys.stderr)
+    chosen = select_batch(read_manifest(args.manifest), args.batch, args.batches)
+    base = InferenceSettings(overlap=args.overlap, sw_batch_size=args.sw_batch_size, threshold=args.threshold,
+                             device=args.device, export_nifti=args.nifti)
+    run = load_run(args.checkpoint, classes, base, spacing=_tuple(args.spacing), window_hu=_tuple(args.window),
+                   roi=_tuple(args.roi))
+    outcomes = infer_cases(chosen, run, classes, args.out, args.report)
+    failed = [o.case_id for o in outcomes if o.status == "failed"]
+    if not failed:
+        return 0
+    log.error("%d of %d cases failed: %s (see %s)", len(failed), len(chosen), failed, args.report)
+    if len(failed) == len(chosen):
+        log.error("every case of the batch failed")
+        return 1
+    return 0 if args.tolerate_failures else 1
+
+
+def _tuple(values: list | None) -> tuple | None:
+    return None if values is None else tuple(values)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -143,7 +171,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     classes, entry = _entry(args)
     cases = select_batch(read_manifest(args.manifest), args.batch, args.batches)
-    evaluate_predictions(cases, entry, classes, args.predictions, args.out)
+    written = evaluate_predictions(cases, entry, classes, args.predictions, args.batch_report, args.out,
+                                   args.failures)
+    log.info("%s: %d of %d cases evaluated (failures: %s)", entry.key, len(written), len(cases), args.failures)
 
 
 def cmd_aggregate(args: argparse.Namespace) -> None:
@@ -151,9 +181,8 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
 
     classes = _classes(args)
     paths = sorted(p for folder in args.metrics for p in Path(folder).glob("*.tsv"))
-    outputs = aggregate(paths, classes, args.out, threads=args.threads)
-    print(f"[aggregate] {len(paths)} case tables -> {', '.join(str(p) for p in outputs.values())}",
-          file=sys.stderr)
+    outputs = aggregate(paths, classes, args.out, threads=args.threads, failures=args.failures)
+    log.info("%d case tables -> %s", len(paths), ", ".join(str(p) for p in outputs.values()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,9 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", default="CT", help="series of this modality are converted (default: CT)")
     p.set_defaults(func=cmd_dicom_to_nifti)
 
-    p = sub.add_parser("manifest", help="list a dataset's cases from its folder into a validated manifest")
-    _add_catalog(p)
-    p.add_argument("--root", type=Path, required=True, help="the dataset's folder")
+    p = sub.add_parser(
+        "manifest", help="list the cases of a dataset folder or a sample sheet into a validated manifest",
+        description="Write a case manifest: a TSV with the columns dataset, case_id, image (absolute path) and label "
+                    "(absolute path, empty for unlabelled cases), one row per case. The cases come from a catalog "
+                    "dataset's folder (--dataset and --root) or from a sample sheet (--sample-sheet: a TSV of "
+                    "case_id and image, workflow/schemas/samples.schema.yaml).")
+    _add_catalog(p, dataset_required=False)
+    p.add_argument("--root", type=Path, default=None, help="the dataset's folder (with --dataset)")
+    p.add_argument("--sample-sheet", type=Path, default=None, help="a TSV of case_id and image to list instead")
     p.add_argument("--out", type=Path, required=True, help="manifest TSV to write")
     p.set_defaults(func=cmd_manifest)
 
@@ -217,8 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="multi-process (DDP): torchrun --nproc_per_node=N -m universal.cli train ...  (NCCL on GPUs, one\n"
                "  per LOCAL_RANK; gloo on CPU; batch_size is per process; rank 0 writes the log and checkpoints)\n"
                "fine-tune on a novel class or task: a class table (or --include-class) and embeddings with the new\n"
-               "  class, plus --options '{\"init_checkpoint\": \"old/final.pt\", \"trainable\": \"heads\"}'\n"
-               "  (or --init-checkpoint/--trainable). Starts at step 0 with a fresh optimizer; every weight that fits\n"
+               "  class, plus --init-checkpoint old/final.pt --trainable heads (or the settings init_checkpoint and\n"
+               "  trainable). Starts at step 0 with a fresh optimizer; every weight that fits\n"
                "  is copied, the class embeddings come from --embeddings; 'heads' freezes the backbone and trains\n"
                "  text_to_vision, controller, GAP and precls_conv.")
     _add_tables(p)
@@ -226,28 +261,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=float, nargs="*", default=None, help="sampling weight per store")
     p.add_argument("--embeddings", type=Path, required=True)
     p.add_argument("--out-dir", type=Path, required=True)
-    p.add_argument("--options", default=None, help="JSON object of training settings (the config's train section)")
+    p.add_argument("--settings", type=Path, default=None,
+                   help="YAML file of training settings (the workflow config's train section, e.g. lr: 0.002)")
     p.add_argument("--init-checkpoint", type=Path, default=None,
                    help="fine-tune from this trained checkpoint (same as the option init_checkpoint)")
     p.add_argument("--trainable", choices=("all", "heads"), default=None,
                    help="what fine-tuning trains: all, or heads (frozen backbone); same as the option trainable")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("infer", help="predict CTs of a manifest into OME-Zarr (one batch: model loaded once)")
+    p = sub.add_parser(
+        "infer", help="predict the CTs of a manifest into OME-Zarr (one batch: the model loaded once)",
+        description="Predict one batch of a manifest's cases into --out/<case_id>.ome.zarr and write the batch "
+                    "report (case_id, status, seconds, error). Cases whose complete predictions of the same run "
+                    "exist are skipped. Exit status: 0 when every case succeeded (or, with --tolerate-failures, "
+                    "when at least one did), 1 otherwise, 2 for a usage or input error.")
     _add_tables(p)
-    p.add_argument("--manifest", type=Path, required=True)
-    p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--batch", type=int, default=0)
+    p.add_argument("--manifest", type=Path, required=True, help="case manifest TSV (universal manifest)")
+    p.add_argument("--checkpoint", type=Path, required=True, help="model checkpoint (trained or imported)")
+    p.add_argument("--out", type=Path, required=True, help="folder of the predictions")
+    p.add_argument("--report", type=Path, required=True, help="batch report TSV to write")
+    p.add_argument("--batch", type=int, default=0, help="which batch: case i belongs to batch i %% batches")
     p.add_argument("--batches", type=int, default=1)
-    p.add_argument("--spacing", type=float, nargs=3, default=(1.5, 1.5, 1.5))
-    p.add_argument("--window", type=float, nargs=2, default=(-175.0, 250.0), metavar=("LOW", "HIGH"))
-    p.add_argument("--roi", type=int, nargs=3, default=(96, 96, 96))
+    p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="model grid (mm); default: the checkpoint's")
+    p.add_argument("--window", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="intensity window (HU); default: the checkpoint's")
+    p.add_argument("--roi", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="sliding-window size (voxels); default: the checkpoint's")
     p.add_argument("--overlap", type=float, default=0.5)
     p.add_argument("--sw-batch-size", type=int, default=2)
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--nifti", action="store_true", help="also write organ and tumour label maps as NIfTI")
+    p.add_argument("--tolerate-failures", action="store_true",
+                   help="exit 0 when some cases failed but not all (they are listed in the report)")
     p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser("evaluate", help="Dice per case and class of predictions against harmonized labels")
@@ -256,12 +303,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", type=Path, required=True, help="folder of <case>.ome.zarr predictions")
     p.add_argument("--batch", type=int, default=0)
     p.add_argument("--batches", type=int, default=1)
+    p.add_argument("--batch-report", type=Path, required=True, help="the inference batch's report TSV")
     p.add_argument("--out", type=Path, required=True, help="folder for one metrics TSV per case")
+    p.add_argument("--failures", type=Path, required=True,
+                   help="TSV listing the cases not evaluated, with the stage and the reason")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("aggregate", help="aggregate per-case metrics with dask into tables and a plot")
     _add_tables(p)
     p.add_argument("--metrics", type=Path, nargs="+", required=True, help="folders of per-case metric TSVs")
+    p.add_argument("--failures", type=Path, nargs="*", default=[], help="failure lists of the evaluation batches")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=cmd_aggregate)
@@ -278,11 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     from universal.embed.prompts import EmbedError
 
     try:
-        args.func(args)
+        status = args.func(args)
     except (CatalogError, ClassTableError, DownloadError, EmbedError, HarmonizeError, VolumeError, ValueError) as err:
         print(f"universal {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

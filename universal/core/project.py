@@ -7,3 +7,4 @@ from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "workflow" / "schemas"

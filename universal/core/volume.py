@@ -55,6 +55,14 @@ class Volume:
         return index @ self.affine[:3, :3].T + self.affine[:3, 3]
 
 
+READABLE_IMAGE_SUFFIXES = (".nii", ".nii.gz")  # the image files inference reads
+
+
+def is_readable_image(path: str | Path) -> bool:
+    """Whether ``path`` names an image file of a format inference reads (by its extension)."""
+    return Path(path).name.lower().endswith(READABLE_IMAGE_SUFFIXES)
+
+
 def load_nifti(path: str | Path, dtype: type | None = None) -> Volume:
     """Read a 3D NIfTI file and reorient it to RAS+ (axis permutation and flips only, no interpolation).
 

@@ -7,9 +7,9 @@ turns an entry and a dataset folder into a validated case manifest.
 Layout kinds:
 
 - ``msd``: cases listed in a Medical Segmentation Decathlon ``dataset.json`` under ``root``;
-- ``pattern``: ``image`` and ``label`` paths with ``{case}`` (one NIfTI label map per case); ``extra`` lists
-  further ``{image, label}`` pattern pairs for datasets split over several folders (e.g. training and
-  validation);
+- ``pattern``: ``image`` and ``label`` paths with ``{case}`` (one NIfTI label map per case; without ``label``
+  the cases are unlabelled CTs, for an external dataset to segment); ``extra`` lists further ``{image, label}``
+  pattern pairs for datasets split over several folders (e.g. training and validation);
 - ``per_structure``: ``image`` (a NIfTI file or a DICOM series folder) and ``label``, the case's folder of
   one mask per structure; ``structures`` maps each mask's name (a file name without ``suffix``, or a folder of
   DICOM or PNG slices; a shell pattern such as ``livertumor*`` matches several) to a raw label value, and
@@ -36,7 +36,7 @@ from universal.core.tsv import write_tsv
 
 LAYOUT_KINDS = ("msd", "pattern", "per_structure")
 ROLES = ("train", "external")
-SOURCE_KINDS = ("generated", "url", "zenodo", "idc", "manual")
+SOURCE_KINDS = ("generated", "url", "zenodo", "idc", "manual", "local")
 
 
 class CatalogError(ValueError):
@@ -92,6 +92,11 @@ class DatasetEntry:
                 chosen = rule.annotated
         return chosen
 
+    @property
+    def labelled(self) -> bool:
+        """Whether the dataset's cases come with label maps (a ``pattern`` layout may list unlabelled CTs)."""
+        return self.layout_kind != "pattern" or self.layout.get("label") is not None
+
     def raw_values(self) -> set[int]:
         return {r.raw for r in self.labels} | {0}
 
@@ -139,9 +144,12 @@ def _parse_entry(path: Path, key: str, body: object, classes: ClassTable) -> Dat
         raise CatalogError(f"{where}: layout.kind must be one of {LAYOUT_KINDS}, got {kind!r}")
     if kind in ("pattern", "per_structure"):
         for group in (layout, *_extra_patterns(where, layout)):
-            for k in ("image", "label"):
+            keys = ("image",) if kind == "pattern" and group.get("label") is None else ("image", "label")
+            for k in keys:
                 if str(group.get(k, "")).count("{case}") != 1:
                     raise CatalogError(f"{where}: layout.{k} must be a path containing {{case}} once")
+    if kind == "pattern" and body["role"] == "train" and layout.get("label") is None:
+        raise CatalogError(f"{where}: a training dataset needs labels: give layout.label")
     _check_case_numbers(where, layout)
     if body["role"] not in ROLES:
         raise CatalogError(f"{where}: role must be one of {ROLES}, got {body['role']!r}")
@@ -255,7 +263,7 @@ def _pattern_cases(entry: DatasetEntry, root: Path) -> list[Case]:
             if case_id in cases:
                 raise CatalogError(f"dataset {entry.key!r}: case {case_id!r} is found twice: {cases[case_id].image} "
                                    f"and {image}")
-            label = root / group["label"].replace("{case}", case_id)
+            label = root / group["label"].replace("{case}", case_id) if group.get("label") is not None else None
             cases[case_id] = Case(entry.key, case_id, image, label)
     return list(cases.values())
 

@@ -16,6 +16,7 @@ import pandas as pd
 
 from universal.core.atomic import atomic_output
 from universal.core.classes import ClassTable
+from universal.evaluate.metrics import FAILURE_COLUMNS
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -40,8 +41,11 @@ def summarise(frame: dd.DataFrame, by: list[str], threads: int) -> pd.DataFrame:
     return table.reset_index()
 
 
-def aggregate(paths: list[str | Path], classes: ClassTable, out_dir: str | Path, threads: int = 1) -> dict[str, Path]:
-    """Write per_case.tsv, per_class.tsv, per_dataset_class.tsv and dice_per_class.png into ``out_dir``."""
+def aggregate(paths: list[str | Path], classes: ClassTable, out_dir: str | Path, threads: int = 1,
+              failures: list[str | Path] = ()) -> dict[str, Path]:
+    """Write per_case.tsv, per_class.tsv, per_dataset_class.tsv, dice_per_class.png and failed_cases.tsv (the
+    evaluation batches' failure lists joined: the cases that could not be scored, with the stage and reason)
+    into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     frame = read_metrics(paths)
@@ -54,7 +58,11 @@ def aggregate(paths: list[str | Path], classes: ClassTable, out_dir: str | Path,
     with dask.config.set(scheduler="threads", num_workers=max(1, threads)):
         per_case = frame.compute()
     outputs = {"per_case": out_dir / "per_case.tsv", "per_class": out_dir / "per_class.tsv",
-               "per_dataset_class": out_dir / "per_dataset_class.tsv", "plot": out_dir / "dice_per_class.png"}
+               "per_dataset_class": out_dir / "per_dataset_class.tsv", "plot": out_dir / "dice_per_class.png",
+               "failed": out_dir / "failed_cases.tsv"}
+    failed = [pd.read_csv(p, sep="\t", dtype=str, keep_default_na=False) for p in failures]
+    _write_tsv(pd.concat(failed, ignore_index=True) if failed else pd.DataFrame(columns=FAILURE_COLUMNS),
+               outputs["failed"])
     for key, table in (("per_case", per_case), ("per_class", per_class), ("per_dataset_class", per_dataset)):
         _write_tsv(table, outputs[key])
     plot_dice(per_case, classes, outputs["plot"])

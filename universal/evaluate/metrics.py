@@ -12,6 +12,7 @@ comparison of models can average over the same cases (those whose G is not empty
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +21,16 @@ import pandas as pd
 from universal.core.atomic import atomic_output
 from universal.core.classes import ClassTable, UniversalClass
 from universal.core.sides import right_of_midline
+from universal.core.tsv import one_line, read_tsv_rows, write_tsv
 from universal.core.volume import Volume
 from universal.data.catalog import Case, DatasetEntry
 from universal.data.harmonize import harmonize_case
 from universal.infer.ome import read_prediction
 
 METRIC_COLUMNS = ("dataset", "case_id", "class", "kind", "predicted", "dice", "gt_ml", "pred_ml")
+FAILURE_COLUMNS = ("dataset", "case_id", "stage", "error")
+
+log = logging.getLogger(__name__)
 
 
 def class_region(label: np.ndarray, cls: UniversalClass, classes: ClassTable, right_side: np.ndarray | None
@@ -87,26 +92,44 @@ def write_metrics(table: pd.DataFrame, path: str | Path) -> None:
 
 
 def evaluate_predictions(cases: list[Case], entry: DatasetEntry, classes: ClassTable, predictions: str | Path,
-                         out_dir: str | Path) -> list[Path]:
-    """Evaluate every case of ``cases`` that has a prediction in ``predictions``; one TSV per case in ``out_dir``.
+                         batch_report: str | Path, out_dir: str | Path, failures: str | Path) -> list[Path]:
+    """Evaluate the cases of one inference batch: one metrics TSV per case in ``out_dir``; returns their paths.
 
     The ground truth is the case's label harmonized on its own grid (no resampling), so it shares the
-    prediction's grid. A labelled case without a prediction is an error: nothing is silently dropped.
+    prediction's grid. A case that inference reported as failed, that has no prediction, or whose evaluation
+    fails (any error) is listed with its reason in ``failures`` (TSV: dataset, case_id, stage, error) and the
+    others go on: nothing is silently dropped.
     """
     predictions, out_dir = Path(predictions), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    inferred = {row["case_id"]: row for row in read_tsv_rows(batch_report)}
+    written, failed = [], []
     for case in cases:
-        path = predictions / f"{case.case_id}.ome.zarr"
-        if not path.exists():
-            raise ValueError(f"{entry.key}/{case.case_id}: no prediction at {path}")
-        _, organs, tumours, meta = read_prediction(path)
-        truth = harmonize_case(case, entry, classes, target_spacing=None)
-        if truth.label is None:
-            raise ValueError(f"{entry.key}/{case.case_id}: has no ground-truth label to evaluate against")
-        table = evaluate_case(organs, tumours, truth.label, classes, truth.attrs["midline_x_mm"], entry.key,
-                              case.case_id, meta.get("predicted_classes"))
+        row = inferred.get(case.case_id)
+        if row is None or row["status"] == "failed":
+            reason = row["error"] if row else f"not in the batch report {batch_report}"
+            failed.append((entry.key, case.case_id, "infer", reason))
+            continue
+        try:
+            table = _evaluate_one(case, entry, classes, predictions / f"{case.case_id}.ome.zarr")
+        except Exception as err:  # one case never stops the batch: every error is recorded on its line
+            failed.append((entry.key, case.case_id, "evaluate", one_line(err)))
+            log.error("%s/%s: evaluation failed: %s", entry.key, case.case_id, one_line(err))
+            continue
         target = out_dir / f"{case.case_id}.tsv"
         write_metrics(table, target)
         written.append(target)
+    write_tsv(failures, FAILURE_COLUMNS, failed)
     return written
+
+
+def _evaluate_one(case: Case, entry: DatasetEntry, classes: ClassTable, prediction: Path) -> pd.DataFrame:
+    """The metrics table of one case against its harmonized ground truth."""
+    if not prediction.exists():
+        raise ValueError(f"no prediction at {prediction}")
+    _, organs, tumours, meta = read_prediction(prediction)
+    truth = harmonize_case(case, entry, classes, target_spacing=None)
+    if truth.label is None:
+        raise ValueError(f"{case.image}: the case has no ground-truth label to evaluate against")
+    return evaluate_case(organs, tumours, truth.label, classes, truth.attrs["midline_x_mm"], entry.key,
+                         case.case_id, meta.get("predicted_classes"))

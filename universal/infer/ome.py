@@ -21,6 +21,8 @@ from ome_zarr.writer import write_multiscale, write_multiscale_labels
 from universal.core.atomic import atomic_output
 from universal.core.classes import ClassTable, UniversalClass
 from universal.core.volume import Volume
+from universal.data.catalog import Case
+from universal.infer.settings import InferenceSettings
 
 AXES = [{"name": axis, "type": "space", "unit": "millimeter"} for axis in ("z", "y", "x")]
 LABEL_GROUPS = ("organs", "tumours")
@@ -42,6 +44,16 @@ def _label_metadata(rows: list[UniversalClass]) -> dict:
         "colors": [{"label-value": c.index, "rgba": [*c.colour, 255]} for c in rows],
         "properties": [{"label-value": c.index, "class": c.name, "kind": c.kind} for c in rows],
     }
+
+
+def prediction_attrs(case: Case, checkpoint: Path, run_key: str, settings: InferenceSettings, classes: ClassTable,
+                     predicted: list[str], midline_x_mm: float, source_affine: np.ndarray) -> dict:
+    """The ``universal`` attributes of a prediction: where it came from and how it was made."""
+    return {"case_id": case.case_id, "dataset": case.dataset, "source_image": str(case.image),
+            "source_affine": source_affine.tolist(), "checkpoint": str(checkpoint), "run_key": run_key,
+            "midline_x_mm": midline_x_mm, "threshold": settings.threshold,
+            "spacing_model_mm": list(settings.spacing), "window_hu": list(settings.window_hu),
+            "roi": list(settings.roi), "class_table_digest": classes.digest(), "predicted_classes": predicted}
 
 
 def write_prediction(path: str | Path, image: Volume, organs: np.ndarray, tumours: np.ndarray,

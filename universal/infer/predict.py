@@ -1,47 +1,24 @@
-"""Inference on CT volumes: load the model once, then for each case resample, sliding-window predict,
-post-process, map back to the input grid through the probabilities (:mod:`universal.infer.source_grid`) and write an
-OME-Zarr prediction (optionally NIfTI label maps too).
-"""
+"""Prediction of one CT: resample to the model grid, sliding-window predict, post-process, and map back to the
+input grid through the probabilities (:mod:`universal.infer.source_grid`)."""
 
 from __future__ import annotations
 
 import logging
-import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from universal.core.atomic import atomic_output
 from universal.core.classes import ClassTable
-from universal.core.intensity import DEFAULT_WINDOW_HU, window
+from universal.core.intensity import window
 from universal.core.sides import body_midline_x_mm
-from universal.core.volume import Volume, VolumeError, load_nifti, resample
-from universal.data.catalog import Case
-from universal.infer.ome import write_prediction
+from universal.core.volume import Volume, resample
 from universal.infer.postprocess import postprocess_masks
+from universal.infer.settings import InferenceSettings
 from universal.infer.source_grid import label_map_on_source_grid
-from universal.model.network import load_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class InferenceSettings:
-    """How to run the model: grid spacing (mm, x y z), window (HU), sliding-window ROI (voxels) and overlap."""
-
-    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
-    window_hu: tuple[float, float] = DEFAULT_WINDOW_HU
-    roi: tuple[int, int, int] = (96, 96, 96)
-    overlap: float = 0.5
-    sw_batch_size: int = 2
-    threshold: float = 0.5
-    device: str = "cpu"
-    export_nifti: bool = False
 
 
 @dataclass
@@ -102,61 +79,3 @@ def predict_volume(model: torch.nn.Module, image: Volume, classes: ClassTable, s
                                      settings.threshold)
             for group in (classes.organs(), classes.tumours())]
     return CasePrediction(image, maps[0], maps[1], midline)
-
-
-def export_nifti(prediction: np.ndarray, source_affine: np.ndarray, path: Path) -> None:
-    """Write a RAS label map as NIfTI in the source file's own orientation and affine (4x4, voxel -> RAS mm)."""
-    transform = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")),
-                                                nib.orientations.io_orientation(source_affine))
-    data = nib.orientations.apply_orientation(prediction, transform).astype(np.uint8)
-    image = nib.Nifti1Image(data, source_affine)
-    image.set_qform(source_affine, code=1)
-    image.set_sform(source_affine, code=1)
-    with atomic_output(path) as tmp:
-        nib.save(image, str(tmp))
-
-
-def infer_cases(cases: list[Case], checkpoint: str | Path, classes: ClassTable, out_dir: str | Path,
-                settings: InferenceSettings) -> list[str]:
-    """Predict every case into ``out_dir/<case_id>.ome.zarr``, loading the model once.
-
-    A case that fails (unreadable or malformed image) is logged and listed in ``out_dir/failed.tsv``; the
-    others go on. Returns the failed case ids.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model, meta = load_checkpoint(checkpoint, expected_class_names=classes.names, map_location=settings.device)
-    model.eval()
-    predicted = list(meta.get("extra", {}).get("trained_classes", classes.names))
-    untrained = [n for n in classes.names if n not in predicted]
-    if untrained:
-        log.warning("no training case annotated %s: their heads never learned, so they are not predicted",
-                    untrained)
-    failed: list[tuple[str, str]] = []
-    for number, case in enumerate(cases, start=1):
-        start = time.perf_counter()
-        try:
-            image = load_nifti(case.image)
-        except VolumeError as err:
-            failed.append((case.case_id, str(err)))
-            log.error("case %s failed: %s", case.case_id, err)
-            continue
-        prediction = predict_volume(model, image, classes, settings, predicted)
-        source_affine = nib.load(str(case.image)).affine  # the file's own affine (header only)
-        attrs = {"case_id": case.case_id, "dataset": case.dataset, "source_image": str(case.image),
-                 "source_affine": source_affine.tolist(), "checkpoint": str(checkpoint),
-                 "midline_x_mm": prediction.midline_x_mm, "threshold": settings.threshold,
-                 "spacing_model_mm": list(settings.spacing), "class_table_digest": classes.digest(),
-                 "predicted_classes": predicted}
-        hu = np.clip(np.rint(image.array), -32768, 32767).astype(np.int16)
-        write_prediction(out_dir / f"{case.case_id}.ome.zarr", Volume(hu, image.affine), prediction.organs,
-                         prediction.tumours, classes, attrs)
-        if settings.export_nifti:
-            for name, labels in (("organs", prediction.organs), ("tumours", prediction.tumours)):
-                export_nifti(labels, source_affine, out_dir / f"{case.case_id}_{name}.nii.gz")
-        print(f"[infer] {number}/{len(cases)} {case.case_id}: {time.perf_counter() - start:.1f} s",
-              file=sys.stderr, flush=True)
-    with (out_dir / "failed.tsv").open("w") as handle:
-        handle.write("case_id\terror\n")
-        handle.writelines(f"{case_id}\t{error}\n" for case_id, error in failed)
-    return [case_id for case_id, _ in failed]

@@ -302,19 +302,22 @@ def load_embeddings(path: str | Path, class_names: Sequence[str]) -> Tensor:
 
 
 def save_checkpoint(path: str | Path, model: UniversalModel, model_config: ModelConfig, class_names: Sequence[str],
-                    extra: dict | None = None) -> None:
+                    extra: dict | None = None, preprocessing: dict | None = None) -> None:
     """Write a checkpoint atomically (temporary name, then rename).
 
     Layout: ``{"format", "version", "model": state_dict, "model_config": dict, "class_names": list,
-    "extra": dict}``; ``extra`` must hold only tensors and plain Python values so that the file loads with
-    ``torch.load(weights_only=True)``.
+    "preprocessing": dict, "extra": dict}``; ``extra`` must hold only tensors and plain Python values so that the
+    file loads with ``torch.load(weights_only=True)``. ``preprocessing`` is what inference needs to feed the model
+    as it was trained (:func:`universal.infer.settings.preprocessing_record`): grid spacing, intensity window and
+    sliding-window ROI.
     """
     path = Path(path)
     if len(class_names) != model.num_classes:
         raise ValueError(f"{len(class_names)} class names for a model with {model.num_classes} classes")
     record = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
               "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-              "model_config": model_config.to_dict(), "class_names": list(class_names), "extra": extra or {}}
+              "model_config": model_config.to_dict(), "class_names": list(class_names),
+              "preprocessing": dict(preprocessing or {}), "extra": extra or {}}
     with atomic_output(path) as tmp:
         torch.save(record, tmp)
 

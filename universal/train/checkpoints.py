@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 from universal.core.classes import ClassTable
+from universal.data.store import list_cases, open_case
+from universal.infer.settings import preprocessing_record
 from universal.model.network import (
     CHECKPOINT_FORMAT,
     HEAD_GENERATOR,
@@ -169,7 +171,8 @@ def save_resumable(out_dir: Path, step: int, model: UniversalModel, optimizer: t
              "train_config": config.to_dict(), "class_table_digest": classes.digest()}
     if init is not None:
         extra["init"] = init
-    save_checkpoint(checkpoint_path(out_dir, step), model, config.model, classes.names, extra)
+    save_checkpoint(checkpoint_path(out_dir, step), model, config.model, classes.names, extra,
+                    training_preprocessing(config))
     for old in sorted((out_dir / "checkpoints").glob("step_*.pt"))[:-config.keep_checkpoints]:
         old.unlink()
 
@@ -182,7 +185,7 @@ def save_final(path: Path, model: UniversalModel, config: TrainConfig, classes: 
              "trained_classes": trained}
     if init is not None:
         extra["init"] = init
-    save_checkpoint(path, model, config.model, classes.names, extra)
+    save_checkpoint(path, model, config.model, classes.names, extra, training_preprocessing(config))
 
 
 def log_start(config: TrainConfig, resume: Path | None, extra: dict, world_size: int) -> None:
@@ -197,3 +200,15 @@ def log_start(config: TrainConfig, resume: Path | None, extra: dict, world_size:
     elif init is not None:
         log.info("fine-tuning from %s (%s trainable); novel classes: %s", init["checkpoint"], config.trainable,
                  init["novel_classes"])
+
+
+def training_preprocessing(config: TrainConfig) -> dict:
+    """The preprocessing a checkpoint of this run records for inference: the stores' grid spacing (mm, x y z; every
+    store must share it), the training window (HU) and the patch size as sliding-window ROI (voxels)."""
+    spacings = {}
+    for store in config.stores:
+        first = list_cases(store)[0]
+        spacings[store] = tuple(round(float(v), 4) for v in open_case(store, first).attrs["spacing"])
+    if len(set(spacings.values())) > 1:
+        raise ValueError(f"the training stores are on different grids: {spacings}; harmonize them with one spacing")
+    return preprocessing_record(next(iter(spacings.values())), config.patches.window_hu, config.patches.patch_size)

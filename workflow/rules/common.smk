@@ -1,11 +1,13 @@
-# Configuration validation and the small helpers the rules share. Logic lives in the universal package.
+# Configuration checks and the small helpers the rules share. Logic lives in the universal package.
 from pathlib import Path
+from shlex import quote
 
-import pandas as pd
 from snakemake.utils import validate
 
-from universal.data.catalog import load_catalog
 from universal.core.classes import load_class_table
+from universal.data.catalog import load_catalog
+from universal.data.samples import read_sample_sheet, sample_sheet_name
+from universal.train.config import train_config_from_options
 
 
 validate(config, schema="../schemas/config.schema.yaml")
@@ -26,24 +28,60 @@ DATASETS = {
 }
 TRAIN_DATASETS = [key for key in DATASETS if CATALOG[key].role == "train"]
 EXTERNAL_DATASETS = [key for key in DATASETS if CATALOG[key].role == "external"]
-if not TRAIN_DATASETS:
-    raise ValueError("config datasets: at least one dataset with catalog role 'train' is needed")
+MODEL = config["model"]  # an existing checkpoint: nothing is trained
+if not TRAIN_DATASETS and not MODEL:
+    raise ValueError(
+        "config: no dataset with catalog role 'train' and no `model`: give training datasets or a checkpoint"
+    )
 VALIDATION = config["validation"]
 _unknown = sorted(set(VALIDATION["datasets"]) - set(DATASETS))
 if _unknown:
     raise ValueError(f"validation datasets {_unknown} are not among the config's datasets {sorted(DATASETS)}")
 VALIDATION_DATASETS = list(VALIDATION["datasets"]) if VALIDATION["every"] > 0 else []
-SAMPLE_SHEET = "external_samples"
 GPU = 1 if config["device"] == "cuda" else 0
-SPACING = " ".join(str(v) for v in config["spacing"])
-TABLE_ARGS = f"--classes {config['classes']}" + "".join(
-    f" --include-class '{name}'" for name in config["include_classes"]
+TABLE_ARGS = f"--classes {quote(config['classes'])}" + "".join(
+    f" --include-class {quote(name)}" for name in config["include_classes"]
 )
-CATALOG_ARGS = f"{TABLE_ARGS} --catalog {config['catalog']}"
+CATALOG_ARGS = f"{TABLE_ARGS} --catalog {quote(config['catalog'])}"
+
+# A sample sheet of CTs to segment (`snakemake infer_external`), checked row by row now, before any job.
+SAMPLE_SHEETS = []
+if config["external_samples"]:
+    read_sample_sheet(config["external_samples"])
+    SAMPLE_SHEETS = [sample_sheet_name(config["external_samples"])]
+    if SAMPLE_SHEETS[0] in DATASETS:
+        raise ValueError(
+            f"external_samples {config['external_samples']}: its name {SAMPLE_SHEETS[0]!r} is also a dataset's; "
+            "rename the sample sheet"
+        )
+
+
+def train_settings():
+    """The training options of the config (the `train` section, the device and validation), checked now: an
+    unknown key or a value outside a setting's choices fails before any job runs."""
+    settings = {**config["train"], "device": config["device"], **validation_options()}
+    train_config_from_options(settings, stores=[], weights=None, embeddings="", classes=None,
+                              include_classes=[], out_dir="")
+    return settings
+
+
+def validation_options():
+    """The training options that switch on validation Dice on the stores of the validation datasets."""
+    if not VALIDATION_DATASETS:
+        return {}
+    return {
+        "val_stores": [f"results/store/{d}.zarr" for d in VALIDATION_DATASETS],
+        "val_every": VALIDATION["every"],
+        "val_cases": VALIDATION["cases"],
+        "val_overlap": VALIDATION["overlap"],
+    }
+
+
+TRAIN_SETTINGS = train_settings()
 
 
 wildcard_constraints:
-    dataset="|".join(list(DATASETS) + [SAMPLE_SHEET]),
+    dataset="|".join(list(DATASETS) + SAMPLE_SHEETS),
     batch=r"\d+",
 
 
@@ -59,63 +97,45 @@ def dataset_source(wildcards):
     return f"results/downloads/{wildcards.dataset}.done"
 
 
-def batches_of(dataset):
-    key = "external" if dataset == SAMPLE_SHEET else "infer"
-    return range(config[key]["batches"])
+def trained_model():
+    """The checkpoint inference uses: the configured `model`, or the one this workflow trains."""
+    return MODEL or "results/model/final.pt"
 
 
-def prediction_dirs(dataset):
-    return [f"results/predictions/{dataset}/batch_{b}" for b in batches_of(dataset)]
+def prediction_reports(sets):
+    """The batch reports of the prediction sets (datasets or sample sheets); each batch is one job."""
+    return [f"results/predictions/{s}/batch_{b}.tsv" for s in sets for b in range(config["infer"]["batches"])]
 
 
 def metric_dirs():
-    return [f"results/metrics/{d}/batch_{b}" for d in EXTERNAL_DATASETS for b in batches_of(d)]
+    """The evaluation batches: every batch of every external dataset with labels."""
+    labelled = [d for d in EXTERNAL_DATASETS if CATALOG[d].labelled]
+    return [f"results/metrics/{d}/batch_{b}" for d in labelled for b in range(config["infer"]["batches"])]
 
 
 def evaluation_outputs():
-    if not EXTERNAL_DATASETS:
+    if not metric_dirs():
         return []
     return [
         "results/evaluation/per_class.tsv",
         "results/evaluation/per_dataset_class.tsv",
         "results/evaluation/dice_per_class.png",
+        "results/evaluation/failed_cases.tsv",
     ]
-
-
-def external_prediction_outputs():
-    outputs = [p for d in EXTERNAL_DATASETS for p in prediction_dirs(d)]
-    if config["external"]["samples"]:
-        outputs += prediction_dirs(SAMPLE_SHEET)
-    return outputs
-
-
-def validation_options():
-    """The training options that switch on validation Dice on the stores of the validation datasets."""
-    if not VALIDATION_DATASETS:
-        return {}
-    return {
-        "val_stores": [f"results/store/{d}.zarr" for d in VALIDATION_DATASETS],
-        "val_every": VALIDATION["every"],
-        "val_cases": VALIDATION["cases"],
-        "val_overlap": VALIDATION["overlap"],
-    }
 
 
 def embed_arguments():
     embed = config["embed"]
     if embed.get("from_file"):
-        return f"--from-file {embed['from_file']}"
-    arguments = f"--model {embed['model']} --pretrained {embed['pretrained']} --init-seed {embed['init_seed']}"
+        return f"--from-file {quote(embed['from_file'])}"
+    arguments = f"--model {quote(embed['model'])} --pretrained {quote(embed['pretrained'])} --init-seed {embed['init_seed']}"
     if embed.get("weights_file"):
-        arguments += f" --weights-file {embed['weights_file']}"
+        arguments += f" --weights-file {quote(embed['weights_file'])}"
     return arguments
 
 
-def load_sample_sheet(path):
-    """The external sample sheet, validated row by row against its schema."""
-    sheet = pd.read_csv(path, sep="\t", dtype=str).fillna("")
-    validate(sheet, schema="../schemas/samples.schema.yaml")
-    duplicated = sheet["case_id"][sheet["case_id"].duplicated()].tolist()
-    if duplicated:
-        raise ValueError(f"{path}: duplicate case_id values {duplicated}")
-    return sheet
+def infer_overrides():
+    """Named options for the preprocessing values the config sets explicitly; the others come from the checkpoint."""
+    infer = config["infer"]
+    options = {"spacing": infer.get("spacing"), "window": infer.get("window_hu"), "roi": infer.get("roi")}
+    return "".join(f" --{key} " + " ".join(str(v) for v in value) for key, value in options.items() if value)

@@ -1,4 +1,4 @@
-# Datasets: the synthetic demo, and one checkpoint per dataset that writes its validated case manifest.
+# Datasets: the synthetic demo, downloads, and the case manifests of datasets and sample sheets.
 
 
 rule demo_data:
@@ -18,8 +18,8 @@ rule demo_data:
         mem_mb=2000,
         runtime=20,
     shell:
-        "universal demo-data --out {params.out} --cases {params.cases} "
-        "--external-cases {params.external} --seed {params.seed} > {log} 2>&1"
+        "universal demo-data --out {params.out:q} --cases {params.cases} "
+        "--external-cases {params.external} --seed {params.seed} > {log:q} 2>&1"
 
 
 # Downloads need the internet, which compute nodes often lack: they run on the host that runs Snakemake.
@@ -44,11 +44,13 @@ rule download:
         mem_mb=2000,
         runtime=24 * 60,
     shell:
-        "universal download {params.tables} --dataset {wildcards.dataset} --root {params.root} "
-        "--done {output} > {log} 2>&1"
+        "universal download {params.tables} --dataset {wildcards.dataset} --root {params.root:q} "
+        "--done {output:q} > {log:q} 2>&1"
 
 
 checkpoint manifest:
+    wildcard_constraints:
+        dataset="|".join(DATASETS),
     input:
         dataset_source,
     output:
@@ -65,26 +67,22 @@ checkpoint manifest:
         mem_mb=1000,
         runtime=10,
     shell:
-        "universal manifest {params.tables} --dataset {wildcards.dataset} --root {params.root} "
-        "--out {output} > {log} 2>&1"
+        "universal manifest {params.tables} --dataset {wildcards.dataset} --root {params.root:q} "
+        "--out {output:q} > {log:q} 2>&1"
 
 
 rule sample_sheet_manifest:
     input:
-        config["external"]["samples"] or [],
+        config["external_samples"] or [],
     output:
-        f"results/manifests/{SAMPLE_SHEET}.tsv",
+        "results/manifests/{sheet}.tsv".format(sheet=SAMPLE_SHEETS[0] if SAMPLE_SHEETS else "_no_sample_sheet"),
     log:
-        f"logs/manifest/{SAMPLE_SHEET}.log",
+        "logs/manifest/sample_sheet.log",
     conda:
         "../envs/universal.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
-    run:
-        from universal.data.catalog import Case, write_manifest
-
-        sheet = load_sample_sheet(input[0])
-        cases = [Case(SAMPLE_SHEET, row.case_id, Path(row.image).resolve(), None) for row in sheet.itertuples()]
-        write_manifest(cases, output[0])
+    shell:
+        "universal manifest --sample-sheet {input:q} --out {output:q} > {log:q} 2>&1"

@@ -18,4 +18,4 @@ rule embed:
         mem_mb=4000,
         runtime=20,
     shell:
-        "universal embed {params.tables} {params.encoder} --out {output} > {log} 2>&1"
+        "universal embed {params.tables} {params.encoder} --out {output:q} > {log:q} 2>&1"

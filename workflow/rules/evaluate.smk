@@ -4,14 +4,16 @@
 rule evaluate:
     input:
         manifest="results/manifests/{dataset}.tsv",
-        predictions="results/predictions/{dataset}/batch_{batch}",
+        batch_report="results/predictions/{dataset}/batch_{batch}.tsv",
     output:
-        directory("results/metrics/{dataset}/batch_{batch}"),
+        metrics=directory("results/metrics/{dataset}/batch_{batch}"),
+        failures="results/metrics/{dataset}/batch_{batch}.failures.tsv",
     log:
         "logs/evaluate/{dataset}_batch_{batch}.log",
     params:
         tables=CATALOG_ARGS,
-        batches=lambda wildcards: len(batches_of(wildcards.dataset)),
+        predictions=lambda wildcards, input: Path(input.batch_report).parent,
+        batches=config["infer"]["batches"],
     conda:
         "../envs/universal.yaml"
     threads: 1
@@ -19,13 +21,15 @@ rule evaluate:
         mem_mb=8000,
         runtime=120,
     shell:
-        "universal evaluate {params.tables} --dataset {wildcards.dataset} --manifest {input.manifest} "
-        "--predictions {input.predictions} --batch {wildcards.batch} --batches {params.batches} --out {output} > {log} 2>&1"
+        "universal evaluate {params.tables} --dataset {wildcards.dataset} --manifest {input.manifest:q} "
+        "--predictions {params.predictions:q} --batch-report {input.batch_report:q} --batch {wildcards.batch} "
+        "--batches {params.batches} --out {output.metrics:q} --failures {output.failures:q} > {log:q} 2>&1"
 
 
 rule aggregate:
     input:
-        metric_dirs(),
+        metrics=metric_dirs(),
+        failures=[f"{folder}.failures.tsv" for folder in metric_dirs()],
     output:
         per_case="results/evaluation/per_case.tsv",
         per_class=report(
@@ -43,6 +47,11 @@ rule aggregate:
             caption="../report/dice_per_class.rst",
             category="Evaluation",
         ),
+        failed=report(
+            "results/evaluation/failed_cases.tsv",
+            caption="../report/failed_cases.rst",
+            category="Evaluation",
+        ),
     log:
         "logs/aggregate.log",
     params:
@@ -55,4 +64,5 @@ rule aggregate:
         mem_mb=4000,
         runtime=60,
     shell:
-        "universal aggregate {params.tables} --metrics {input} --out {params.out} --threads {threads} > {log} 2>&1"
+        "universal aggregate {params.tables} --metrics {input.metrics:q} --failures {input.failures:q} "
+        "--out {params.out:q} --threads {threads} > {log:q} 2>&1"

@@ -4,6 +4,7 @@
 rule harmonize:
     input:
         manifest="results/manifests/{dataset}.tsv",
+        classes=config["classes"],
     output:
         store=directory("results/store/{dataset}.zarr"),
         report="results/store/{dataset}.report.tsv",
@@ -11,7 +12,7 @@ rule harmonize:
         "logs/harmonize/{dataset}.log",
     params:
         tables=CATALOG_ARGS,
-        spacing=SPACING,
+        spacing=" ".join(str(v) for v in config["spacing"]),
     conda:
         "../envs/universal.yaml"
     threads: 1
@@ -19,5 +20,5 @@ rule harmonize:
         mem_mb=8000,
         runtime=240,
     shell:
-        "universal harmonize {params.tables} --dataset {wildcards.dataset} --manifest {input.manifest} "
-        "--spacing {params.spacing} --out {output.store} --report {output.report} > {log} 2>&1"
+        "universal harmonize {params.tables} --dataset {wildcards.dataset} --manifest {input.manifest:q} "
+        "--spacing {params.spacing} --out {output.store:q} --report {output.report:q} > {log:q} 2>&1"

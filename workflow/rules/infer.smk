@@ -1,24 +1,26 @@
 # Cluster-parallel inference: the cases of a manifest are split into batches, each a job that loads the model once.
+# Predictions go to results/predictions/<set>/<case>.ome.zarr; a batch's declared output is its report, so a
+# failed or cancelled batch keeps its finished cases and its rerun predicts only the others.
 
 
 rule infer:
     input:
         manifest="results/manifests/{dataset}.tsv",
-        checkpoint="results/model/final.pt",
+        checkpoint=trained_model(),
     output:
-        directory("results/predictions/{dataset}/batch_{batch}"),
+        report="results/predictions/{dataset}/batch_{batch}.tsv",
     log:
         "logs/infer/{dataset}_batch_{batch}.log",
     params:
         tables=TABLE_ARGS,
-        batches=lambda wildcards: len(batches_of(wildcards.dataset)),
-        spacing=SPACING,
-        roi=" ".join(str(v) for v in config["infer"]["roi"]),
-        window=" ".join(str(v) for v in config["train"].get("window_hu", [-175, 250])),
+        out=lambda wildcards, output: Path(output.report).parent,
+        batches=config["infer"]["batches"],
+        overrides=infer_overrides(),
         overlap=config["infer"]["overlap"],
         sw_batch_size=config["infer"]["sw_batch_size"],
         threshold=config["infer"]["threshold"],
         nifti="--nifti" if config["infer"]["export_nifti"] else "",
+        tolerate="--tolerate-failures" if config["infer"]["tolerate_failures"] else "",
         device=config["device"],
     conda:
         "../envs/universal.yaml"
@@ -28,7 +30,7 @@ rule infer:
         runtime=12 * 60,
         gpu=GPU,
     shell:
-        "universal infer {params.tables} --manifest {input.manifest} --checkpoint {input.checkpoint} "
-        "--batch {wildcards.batch} --batches {params.batches} --spacing {params.spacing} --roi {params.roi} "
-        "--window {params.window} --overlap {params.overlap} --sw-batch-size {params.sw_batch_size} "
-        "--threshold {params.threshold} --device {params.device} {params.nifti} --out {output} > {log} 2>&1"
+        "universal infer {params.tables} --manifest {input.manifest:q} --checkpoint {input.checkpoint:q} "
+        "--batch {wildcards.batch} --batches {params.batches}{params.overrides} --overlap {params.overlap} "
+        "--sw-batch-size {params.sw_batch_size} --threshold {params.threshold} --device {params.device} "
+        "{params.nifti} {params.tolerate} --out {params.out:q} --report {output.report:q} > {log:q} 2>&1"

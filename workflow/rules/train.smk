@@ -1,11 +1,28 @@
 # Train the universal model on the zarr stores of the training datasets (torchrun/DDP inside the job on GPUs).
-import json
+
+
+localrules:
+    train_settings,
+
+
+rule train_settings:
+    output:
+        "results/model/train_settings.yaml",
+    log:
+        "logs/train_settings.log",
+    params:
+        settings=TRAIN_SETTINGS,
+    conda:
+        "../envs/universal.yaml"
+    script:
+        "../scripts/write_settings.py"
 
 
 rule train:
     input:
         stores=expand("results/store/{dataset}.zarr", dataset=TRAIN_DATASETS),
         embeddings="results/embeddings/prompts.pt",
+        settings="results/model/train_settings.yaml",
         val_stores=expand("results/store/{dataset}.zarr", dataset=VALIDATION_DATASETS),
     output:
         checkpoint="results/model/final.pt",
@@ -16,7 +33,6 @@ rule train:
     params:
         tables=TABLE_ARGS,
         weights=" ".join(str(DATASETS[d].get("weight", 1.0)) for d in TRAIN_DATASETS),
-        options=json.dumps({**config["train"], "device": config["device"], **validation_options()}),
         out_dir=lambda wildcards, output: Path(output.checkpoint).parent,
     conda:
         "../envs/universal.yaml"
@@ -26,5 +42,6 @@ rule train:
         runtime=24 * 60,
         gpu=GPU,
     shell:
-        "universal train {params.tables} --stores {input.stores} --weights {params.weights} "
-        "--embeddings {input.embeddings} --out-dir {params.out_dir} --options '{params.options}' > {log} 2>&1"
+        "universal train {params.tables} --stores {input.stores:q} --weights {params.weights} "
+        "--embeddings {input.embeddings:q} --settings {input.settings:q} --out-dir {params.out_dir:q} "
+        "> {log:q} 2>&1"

@@ -67,6 +67,7 @@ def download_dataset(entry: DatasetEntry, root: Path, *, mirror: str | None = No
       into (optional folder under root for an archive, default its name without the suffix)}``;
     - ``idc``: ``collection``, downloaded with the ``idc-index`` package (DICOM series);
     - ``manual``: verified with :func:`check_manual`; raises with the problems and ``instructions``;
+    - ``local``: a dataset already on disk (e.g. a private one): checked like ``manual``;
     - ``generated``: nothing to do (``universal demo-data`` writes it).
 
     Plain files go straight into ``root``; archives are kept in ``downloads`` (default
@@ -81,7 +82,7 @@ def download_dataset(entry: DatasetEntry, root: Path, *, mirror: str | None = No
     options = {"retries": retries, "backoff_s": backoff_s, "timeout_s": timeout_s}
     if kind == "generated":
         log.info("dataset %r is generated locally (universal demo-data); nothing to download", entry.key)
-    elif kind == "manual":
+    elif kind in ("manual", "local"):
         _require_manual(entry, root)
     elif kind == "url":
         _download_url(entry, root, downloads, mirror, options)
@@ -96,12 +97,17 @@ def download_dataset(entry: DatasetEntry, root: Path, *, mirror: str | None = No
 
 def _require_manual(entry: DatasetEntry, root: Path) -> None:
     problems = check_manual(entry, root)
+    local = entry.source.get("kind") == "local"
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems)
+        if local:
+            raise DownloadError(f"dataset {entry.key!r} ({entry.name}) is a local dataset and is not complete in "
+                                f"{root}:\n{listed}\nCheck the folder in the config's datasets and the catalog layout")
         instructions = entry.source.get("instructions") or "(the catalog gives no instructions)"
         raise DownloadError(f"dataset {entry.key!r} ({entry.name}) must be downloaded by hand and is not complete "
                             f"in {root}:\n{listed}\nHow to get it: {instructions}")
-    log.info("dataset %r: the manual download in %s is complete", entry.key, root)
+    log.info("dataset %r: the %s dataset in %s is complete", entry.key, "local" if local else "manual download",
+             root)
 
 
 def _checksums(entry: DatasetEntry, spec: dict) -> dict[str, str | None]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import logging
 import re
@@ -14,6 +13,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 from universal.core.atomic import atomic_output
+from universal.core.digests import file_digests
 from universal.data.download.errors import DownloadError
 
 log = logging.getLogger(__name__)
@@ -27,16 +27,6 @@ RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 class _Retry(Exception):
     """A transient failure of one attempt: the download is tried again after a pause."""
-
-
-def file_digests(path: Path, algorithms: tuple[str, ...] = ("sha256",), chunk: int = 1 << 20) -> dict[str, str]:
-    """Hex digests of a file for each hashlib algorithm name, in one pass over the file."""
-    hashers = {name: hashlib.new(name) for name in algorithms}
-    with Path(path).open("rb") as handle:
-        while block := handle.read(chunk):
-            for hasher in hashers.values():
-                hasher.update(block)
-    return {name: hasher.hexdigest() for name, hasher in hashers.items()}
 
 
 def checksum_record(dest: Path) -> Path:

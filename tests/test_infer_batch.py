@@ -1,0 +1,111 @@
+"""Tests of a batch of inference as users run it: preprocessing from the checkpoint, one bad case never stops the
+batch, exit statuses that tell the truth, and a rerun that computes only what is missing."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from universal.cli import main
+from universal.core.classes import load_class_table
+from universal.core.volume import Volume, save_nifti
+from universal.data.catalog import Case, write_manifest
+from universal.infer.batch import infer_cases, load_run
+from universal.infer.settings import InferenceSettings, preprocessing_record, settings_from_checkpoint
+from universal.model.network import ModelConfig, build_model, save_checkpoint
+
+TINY_UNET = ModelConfig(backbone="unet", features=(8, 8, 16, 16, 32, 8))
+PREPROCESSING = preprocessing_record((4.0, 4.0, 4.0), (-175.0, 250.0), (32, 32, 32))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    classes = load_class_table()
+    torch.manual_seed(0)
+    model = build_model(TINY_UNET, torch.randn(len(classes), 512))
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    save_checkpoint(path, model, TINY_UNET, classes.names, {"trained_classes": ["Liver", "Spleen"]}, PREPROCESSING)
+    return path
+
+
+@pytest.fixture
+def cases(tmp_path: Path) -> list[Case]:
+    """Two readable CTs (2 mm, RAS) and one file that is not a NIfTI."""
+    rng = np.random.default_rng(0)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    found = []
+    for case_id in ("good_a", "good_b"):
+        image = tmp_path / "cts" / f"{case_id}.nii.gz"
+        save_nifti(Volume(rng.normal(0, 300, (40, 36, 30)).astype(np.int16), affine), image)
+        found.append(Case("set", case_id, image, None))
+    junk = tmp_path / "cts" / "junk.nii.gz"
+    junk.write_bytes(b"this is not a NIfTI file")
+    return [*found, Case("set", "junk", junk, None)]
+
+
+def _infer(tmp_path: Path, checkpoint: Path, cases: list[Case], *extra: str) -> int:
+    manifest = tmp_path / "manifest.tsv"
+    write_manifest(cases, manifest)
+    return main(["infer", "--manifest", str(manifest), "--checkpoint", str(checkpoint), "--out",
+                 str(tmp_path / "out"), "--report", str(tmp_path / "out" / "batch_0.tsv"), *extra])
+
+
+def _report(tmp_path: Path) -> pd.DataFrame:
+    return pd.read_csv(tmp_path / "out" / "batch_0.tsv", sep="\t", keep_default_na=False)
+
+
+def test_a_bad_case_fails_alone_and_the_exit_status_says_so(tmp_path, checkpoint, cases) -> None:
+    assert _infer(tmp_path, checkpoint, cases) == 1
+    report = _report(tmp_path)
+    assert report["status"].tolist() == ["ok", "ok", "failed"]
+    assert "junk.nii.gz" in report["error"][2] and "\n" not in report["error"][2]
+    assert (tmp_path / "out" / "good_b.ome.zarr" / "zarr.json").exists()
+    assert _infer(tmp_path, checkpoint, cases, "--tolerate-failures") == 0
+
+
+def test_a_batch_where_every_case_failed_exits_non_zero_even_when_tolerated(tmp_path, checkpoint, cases) -> None:
+    assert _infer(tmp_path, checkpoint, cases[2:], "--tolerate-failures") == 1
+    assert _report(tmp_path)["status"].tolist() == ["failed"]
+
+
+def test_a_rerun_skips_complete_predictions_of_the_same_run(tmp_path, checkpoint, cases) -> None:
+    assert _infer(tmp_path, checkpoint, cases[:2], "--nifti") == 0
+    written = (tmp_path / "out" / "good_a_organs.nii.gz").stat().st_mtime_ns
+    assert _infer(tmp_path, checkpoint, cases[:2], "--nifti") == 0
+    assert _report(tmp_path)["status"].tolist() == ["skipped", "skipped"]
+    assert (tmp_path / "out" / "good_a_organs.nii.gz").stat().st_mtime_ns == written
+    assert _infer(tmp_path, checkpoint, cases[:2], "--nifti", "--threshold", "0.4") == 0  # another run: redone
+    assert _report(tmp_path)["status"].tolist() == ["ok", "ok"]
+    assert not list((tmp_path / "out").glob("*partial*"))
+
+
+def test_a_failure_removes_the_case_s_old_prediction(tmp_path, checkpoint, cases) -> None:
+    assert _infer(tmp_path, checkpoint, cases[:1]) == 0
+    cases[0].image.write_bytes(b"truncated")
+    assert _infer(tmp_path, checkpoint, cases[:1], "--threshold", "0.4") == 1
+    assert not (tmp_path / "out" / "good_a.ome.zarr").exists()
+
+
+def test_a_case_id_that_is_not_a_file_name_fails_without_writing_outside(tmp_path, checkpoint, cases) -> None:
+    escaping = Case("set", "../outside", cases[0].image, None)
+    run = load_run(checkpoint, load_class_table(), InferenceSettings())
+    outcomes = infer_cases([escaping, cases[1]], run, load_class_table(), tmp_path / "out", tmp_path / "r.tsv")
+    assert [o.status for o in outcomes] == ["failed", "ok"] and "path separator" in outcomes[0].error
+    assert not (tmp_path / "outside.ome.zarr").exists()
+
+
+def test_preprocessing_comes_from_the_checkpoint_and_an_override_is_named(checkpoint, caplog) -> None:
+    meta = {"preprocessing": PREPROCESSING}
+    settings = settings_from_checkpoint(checkpoint, meta, InferenceSettings())
+    assert (settings.spacing, settings.window_hu, settings.roi) == ((4.0, 4.0, 4.0), (-175.0, 250.0), (32, 32, 32))
+    with caplog.at_level(logging.WARNING):
+        settings = settings_from_checkpoint(checkpoint, meta, InferenceSettings(), spacing=(1.5, 1.5, 1.5))
+    assert settings.spacing == (1.5, 1.5, 1.5)
+    assert "spacing_mm [1.5, 1.5, 1.5] overrides" in caplog.text and "[4.0, 4.0, 4.0]" in caplog.text
+    with pytest.raises(ValueError, match="does not record its preprocessing"):
+        settings_from_checkpoint(checkpoint, {}, InferenceSettings(), spacing=(1.5, 1.5, 1.5))
