@@ -21,14 +21,17 @@ REPO = Path(__file__).resolve().parent.parent
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
-def _deploy(target: Path, overrides: dict) -> Path:
-    """A working directory with the workflow linked in and a config derived from the demo config."""
+TEST_CONFIG = REPO / ".test" / "config" / "config.yaml"
+
+
+def _deploy(target: Path, overrides: dict, base: Path = REPO / "config" / "config.yaml") -> Path:
+    """A working directory with the workflow linked in and a config derived from ``base`` (the demo config)."""
     for name in ("workflow", "profiles"):
         (target / name).symlink_to(REPO / name)
     (target / "config").mkdir()
     for name in ("classes.yaml", "datasets.yaml"):
         shutil.copy(REPO / "config" / name, target / "config" / name)
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config = yaml.safe_load(base.read_text())
     for key, value in overrides.items():
         if isinstance(value, dict):
             config[key].update(value)
@@ -69,8 +72,34 @@ def test_real_data_config_layered_over_the_demo_leaves_the_phantoms_out(tmp_path
     assert "demo_data" not in stats and "demo_" not in output
 
 
-def test_lint_is_clean():
-    result = _snakemake(REPO, "--lint")
+def test_a_bad_sample_sheet_fails_at_the_start_naming_row_and_column(tmp_path):
+    workdir = _deploy(tmp_path, {})
+    (workdir / "ct.nii.gz").write_bytes(b"")
+    (workdir / "cases.tsv").write_text("case_id\timage\nfine\tct.nii.gz\nbad/id\tct.nii.gz\nscan\tscan.nrrd\n")
+    result = _snakemake(workdir, "infer_external", "-n", "--config", "external_samples=cases.tsv")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "AssertionError" not in output
+    assert "row 2, column case_id: 'bad/id' does not match" in output
+    assert "row 3, column image:" in output and "does not exist" in output
+
+
+def test_infer_external_without_a_model_says_it_trains_one(tmp_path):
+    workdir = _deploy(tmp_path, {})
+    ct = workdir / "ct.nii.gz"
+    ct.write_bytes(b"")
+    (workdir / "cases.tsv").write_text(f"case_id\timage\nct\t{ct}\n")
+    result = _snakemake(workdir, "infer_external", "-n", "--config", "external_samples=cases.tsv")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "external_samples without a `model`" in output
+    counts = _job_counts(result.stdout)
+    assert counts["train"] == 1 and counts["infer"] == 2 and "evaluate" not in counts
+    assert "results/predictions/demo_external" not in output  # the demo's own external set is not predicted
+
+
+@pytest.mark.parametrize("config", ["config/config.yaml", "config/real.yaml", ".test/config/config.yaml"])
+def test_lint_is_clean(config):
+    result = _snakemake(REPO, "--lint", "--configfile", config)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -81,8 +110,7 @@ def test_ruff_is_clean():
 
 @pytest.mark.slow
 def test_demo_workflow_end_to_end(tmp_path, classes, shared_data):
-    workdir = _deploy(tmp_path, {"demo": {"cases_per_dataset": 2, "external_cases": 2},
-                                 "train": {"steps": 6, "checkpoint_every": 3, "num_workers": 0}})
+    workdir = _deploy(tmp_path, {}, base=TEST_CONFIG)
     result = _snakemake(workdir, "--cores", "2")
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     results = workdir / "results"

@@ -65,7 +65,8 @@ class ModelConfig:
     ``head_negative_slope``: slope of the class heads' hidden activations below zero; ``0`` is the original's
     ReLU (use it for the original's checkpoints). With ReLU a head can trap a group of its positive voxels where
     every unit that raises its output is off: their logit then sits at the output bias and no gradient reaches
-    the units that could turn them on (BENCHMARKS.md, "A dead head unit"). A leaky slope keeps a gradient there.
+    the units that could turn them on (docs/experiments/universal_vs_dataset.md, "A dead head unit"). A leaky
+    slope keeps a gradient there.
     """
 
     backbone: str = "swinunetr"

@@ -2,6 +2,7 @@
 from pathlib import Path
 from shlex import quote
 
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 from universal.core.classes import load_class_table
@@ -53,6 +54,11 @@ if config["external_samples"]:
         raise ValueError(
             f"external_samples {config['external_samples']}: its name {SAMPLE_SHEETS[0]!r} is also a dataset's; "
             "rename the sample sheet"
+        )
+    if not MODEL:
+        logger.warning(
+            "external_samples without a `model`: the sample sheet is segmented with results/model/final.pt, which "
+            "this workflow trains first if it is missing; give model=<checkpoint> to use an existing one"
         )
 
 
