@@ -16,7 +16,7 @@ def images(tmp_path: Path) -> Path:
     folder = tmp_path / "cts"
     for name in ("a.nii.gz", "b.nii"):
         save_nifti(Volume(np.zeros((4, 4, 4), dtype=np.int16), np.eye(4)), folder / name)
-    (folder / "c.nrrd").write_bytes(b"NRRD0004\n")
+    (folder / "c.png").write_bytes(b"\x89PNG")
     return folder
 
 
@@ -40,7 +40,7 @@ def test_every_problem_is_named_by_row_and_column(tmp_path: Path, images: Path) 
                              "twice\tcts/a.nii.gz\n"
                              "twice\tcts/b.nii\n"
                              "gone\tcts/missing.nii.gz\n"
-                             "nrrd\tcts/c.nrrd\n")
+                             "png\tcts/c.png\n")
     with pytest.raises(SampleSheetError) as raised:
         read_sample_sheet(sheet)
     message = str(raised.value)
@@ -48,7 +48,7 @@ def test_every_problem_is_named_by_row_and_column(tmp_path: Path, images: Path) 
     assert "row 1, column case_id: '../escape' does not match" in message
     assert "row 3, column case_id: 'twice' repeats row 2" in message
     assert f"row 4, column image: {images / 'missing.nii.gz'} does not exist" in message
-    assert "row 5, column image: c.nrrd is not in a readable format (readable: .nii, .nii.gz)" in message
+    assert "row 5, column image: c.png is not in a readable format (readable: NIfTI (.nii, .nii.gz), NRRD" in message
 
 
 @pytest.mark.parametrize(("text", "expected"), [

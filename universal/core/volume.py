@@ -55,12 +55,11 @@ class Volume:
         return index @ self.affine[:3, :3].T + self.affine[:3, 3]
 
 
-READABLE_IMAGE_SUFFIXES = (".nii", ".nii.gz")  # the image files inference reads
-
-
-def is_readable_image(path: str | Path) -> bool:
-    """Whether ``path`` names an image file of a format inference reads (by its extension)."""
-    return Path(path).name.lower().endswith(READABLE_IMAGE_SUFFIXES)
+def canonical(array: np.ndarray, affine: np.ndarray) -> Volume:
+    """The same voxels reoriented to RAS+ (axis permutation and flips only, no interpolation), as
+    :func:`load_nifti` returns them; ``affine`` maps voxel indices of ``array`` to RAS mm."""
+    image = nib.as_closest_canonical(nib.Nifti1Image(array, affine))
+    return Volume(np.asarray(image.dataobj), np.asarray(image.affine, dtype=np.float64))
 
 
 def load_nifti(path: str | Path, dtype: type | None = None) -> Volume:

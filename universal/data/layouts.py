@@ -25,8 +25,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from universal.core.volume import Volume, VolumeError, load_nifti
+from universal.core.volume import Volume, VolumeError, canonical, load_nifti
 from universal.data.catalog import Case, DatasetEntry
+from universal.data.images import read_ct
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SPACING_TOLERANCE = 0.01  # relative deviation of slice gaps accepted in a DICOM series
@@ -43,11 +44,9 @@ class LayoutError(VolumeError):
 
 
 def read_image(case: Case, entry: DatasetEntry) -> Volume:
-    """The case's image in RAS+: a NIfTI file or a folder holding one DICOM series (HU from the rescale tags)."""
-    if case.image.is_dir():
-        series = read_dicom_series(case.image, with_pixels=True)
-        return _canonical(series.array, series.affine)
-    return load_nifti(case.image)
+    """The case's image in RAS+ (:func:`universal.data.images.read_ct`: NIfTI, NRRD, MetaImage or a folder holding
+    one DICOM series, HU from the rescale tags)."""
+    return read_ct(case.image)
 
 
 def read_raw_label(case: Case, entry: DatasetEntry) -> Volume | None:
@@ -65,7 +64,7 @@ def read_raw_label(case: Case, entry: DatasetEntry) -> Volume | None:
     for name, value in entry.layout["structures"].items():
         for path in structure_paths(case, entry, name):
             raw[_read_mask(path, reference, case)] = value
-    return _canonical(raw, reference.affine)
+    return canonical(raw, reference.affine)
 
 
 def structure_paths(case: Case, entry: DatasetEntry, name: str) -> list[Path]:
@@ -248,9 +247,3 @@ def _read_png_stack(folder: Path, reference: _Reference, case: Case) -> np.ndarr
                               f"{rows} x {cols}")
         mask[:, :, index] = pixels.T != 0
     return mask
-
-
-def _canonical(array: np.ndarray, affine: np.ndarray) -> Volume:
-    """The same voxels reoriented to RAS+ (permutation and flips only), like :func:`load_nifti`."""
-    image = nib.as_closest_canonical(nib.Nifti1Image(array, affine))
-    return Volume(np.asarray(image.dataobj), np.asarray(image.affine, dtype=np.float64))

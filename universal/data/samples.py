@@ -16,8 +16,8 @@ import jsonschema
 import yaml
 
 from universal.core.project import SCHEMA_DIR
-from universal.core.volume import READABLE_IMAGE_SUFFIXES, is_readable_image
 from universal.data.catalog import Case
+from universal.data.images import READABLE_FORMATS, is_readable_image
 
 SCHEMA_PATH = SCHEMA_DIR / "samples.schema.yaml"
 
@@ -56,7 +56,7 @@ def read_sample_sheet(path: str | Path) -> list[Case]:
                 row_problems.append(f"row {number}, column image: {image_path} does not exist")
             elif not is_readable_image(image_path):
                 row_problems.append(f"row {number}, column image: {image_path.name} is not in a readable format "
-                                    f"(readable: {', '.join(READABLE_IMAGE_SUFFIXES)})")
+                                    f"(readable: {READABLE_FORMATS})")
             cases.append(Case(sample_sheet_name(path), case_id, image_path, None))
         problems += row_problems
     if problems:

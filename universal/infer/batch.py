@@ -33,8 +33,9 @@ from universal.core.paths import file_name_problem
 from universal.core.progress import progress
 from universal.core.sides import BODY_THRESHOLD_HU
 from universal.core.tsv import one_line, write_tsv
-from universal.core.volume import Volume, load_nifti
+from universal.core.volume import Volume
 from universal.data.catalog import Case
+from universal.data.images import is_nifti, read_ct
 from universal.infer.ome import prediction_attrs, write_prediction
 from universal.infer.predict import predict_volume
 from universal.infer.settings import InferenceSettings, settings_from_checkpoint
@@ -130,10 +131,11 @@ def _infer_case(case: Case, run: BatchRun, classes: ClassTable, out_dir: Path) -
     outputs = case_outputs(out_dir, case.case_id, run.settings)
     if all(path.exists() for path in outputs) and _recorded_run_key(outputs[0]) == run.run_key:
         return "skipped"
-    image = load_nifti(case.image)
+    image = read_ct(case.image)
     _warn_if_blank(case, image)
     prediction = predict_volume(run.model, image, classes, run.settings, run.predicted)
-    source_affine = nib.load(str(case.image)).affine  # the file's own affine (header only)
+    # NIfTI exports keep a NIfTI input's own axis order and affine; other inputs get the RAS+ grid they were read on
+    source_affine = nib.load(str(case.image)).affine if is_nifti(case.image) else image.affine
     attrs = prediction_attrs(case, run.checkpoint, run.run_key, run.settings, classes, run.predicted,
                              prediction.midline_x_mm, source_affine)
     hu = np.clip(np.rint(image.array), -32768, 32767).astype(np.int16)
