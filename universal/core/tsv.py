@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import csv
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from universal.core.atomic import atomic_output
+
+LINE_BREAKS = re.compile(r"\s*[\r\n]+\s*")
+
+
+def one_line(text: object) -> str:
+    """``text`` as one line for a table cell: line breaks (and the blanks around them) become `` | ``, tabs
+    spaces, so that a multi-line error stays one row for line-oriented readers (grep, awk, cut)."""
+    return LINE_BREAKS.sub(" | ", str(text).strip()).replace("\t", " ")
 
 
 def write_tsv(path: str | Path, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
