@@ -23,6 +23,7 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from universal.core.atomic import atomic_output, is_partial
+from universal.core.paths import file_name_problem
 from universal.core.volume import Volume
 
 CHUNKS = (64, 64, 64)
@@ -68,8 +69,9 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
 def write_case(store_path: str | Path, case_id: str, image: Volume, label: Volume | None, attrs: dict) -> None:
     """Write one case group (image int16, optional label uint8, attrs) atomically into a store."""
     store_path = Path(store_path)
-    if "/" in case_id or is_partial(case_id):
-        raise ValueError(f"invalid case id {case_id!r}")
+    if problem := file_name_problem(case_id) or ("a temporary output's name" if is_partial(case_id) else None):
+        raise ValueError(f"{store_path}: case id {case_id!r} cannot name a case group: it is {problem}; rename the "
+                         "case in the manifest")
     if label is not None and label.shape != image.shape:
         raise ValueError(f"case {case_id}: label shape {label.shape} != image shape {image.shape}")
     zarr.open_group(str(store_path), mode="a", zarr_format=3)
