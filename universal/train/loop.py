@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from universal.core.classes import ClassTable, load_class_table
 from universal.core.tsv import write_tsv
+from universal.data.store import check_class_table
 from universal.train.checkpoints import latest_checkpoint, log_start, prepare_model, save_final, save_resumable
 from universal.train.config import TrainConfig, autocast_dtype, lr_at_step
 from universal.train.cpu_bf16 import check_bf16_training_on_cpu
@@ -137,6 +138,8 @@ def _train(config: TrainConfig, env: DistributedEnv, device: torch.device) -> Pa
     out_dir = Path(config.out_dir)
     amp = autocast_dtype(config, device)
     classes = load_class_table(config.class_table, include=config.include_classes)
+    for store in [*config.stores, *config.val_stores]:
+        check_class_table(store, classes)
     resume = from_rank0(latest_checkpoint(out_dir) if main else None, world_size)
     model, optimizer, extra = prepare_model(config, classes, device, resume, verbose=main)
     if amp is not None and device.type == "cpu":
