@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import logging
@@ -18,6 +19,7 @@ from urllib.parse import urlsplit
 import pytest
 
 import universal.data.download.fetch as fetch_module
+from universal.core.atomic import DiskFullError
 from universal.data.catalog import load_catalog
 from universal.data.download import archives
 from universal.data.download.archives import safe_extract
@@ -557,3 +559,16 @@ def test_an_archive_larger_than_the_free_space_is_refused(tmp_path, monkeypatch)
     with pytest.raises(DownloadError, match=r"a\.tar: it unpacks to 0\.0 GB, but .* has only 0\.0 GB free"):
         safe_extract(archive, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_during_a_download_is_named_and_the_partial_file_kept(server, tmp_path, monkeypatch):
+    def full(url, partial, **kwargs):
+        partial.write_bytes(PAYLOAD[:1000])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fetch_module, "_download", full)
+    dest = tmp_path / "file.bin"
+    with pytest.raises(DiskFullError, match=r"file\.bin\.partial: cannot write it, the disk \(or the quota\) is full.*"
+                                            r"kept, so the next run resumes"):
+        fetch(f"{server.url}/data/file.bin", dest, sha256(PAYLOAD), **FAST)
+    assert dest.with_name("file.bin.partial").stat().st_size == 1000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import random
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import yaml
 from synthetic import write_sphere_case
 
 import universal.train.loop as train_module
+from universal.core.atomic import DiskFullError
 from universal.core.classes import default_class_table_path, load_class_table
 from universal.data.store import StoreError
 from universal.model.network import ModelConfig, UniversalModel, build_model, load_checkpoint
@@ -362,3 +364,13 @@ def test_a_patch_size_the_backbone_cannot_take_is_refused_at_config_time(inputs:
 def test_patch_sizes_the_backbone_takes_pass(inputs: dict, tmp_path: Path, backbone: str, size: tuple) -> None:
     model = TINY_UNET if backbone == "unet" else ModelConfig(backbone="swinunetr", feature_size=12)
     assert _config(inputs, tmp_path, model=model, patches=PatchConfig(patch_size=size)).patches.patch_size == size
+
+
+def test_a_full_disk_while_logging_is_named(inputs: dict, tmp_path: Path, monkeypatch) -> None:
+    def full(self, row: dict) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train_module.TrainLog, "write", full)
+    with pytest.raises(DiskFullError, match=r"train_log\.csv: cannot write it, the disk \(or the quota\) is full.*"
+                                            r"a rerun resumes from the newest"):
+        train(_config(inputs, tmp_path, steps=1))

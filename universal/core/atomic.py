@@ -66,17 +66,25 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
     except BaseException as err:
-        full = _disk_full(err, final.parent)
+        full = disk_full_error(err, final, f"nothing half-written was left and an earlier {final.name} is untouched")
         remove(tmp)
-        if full:
-            raise DiskFullError(errno.ENOSPC, f"{final}: cannot write it, the disk (or the quota) is full "
-                                f"({type(err).__name__}: {err}); nothing half-written was left and an earlier "
-                                f"{final.name} is untouched. Free space in {final.parent} (or write elsewhere) "
-                                "and rerun") from err
+        if full is not None:
+            raise full from err
         raise
     if tmp.is_dir():
         remove(final)
     os.replace(tmp, final)
+
+
+def disk_full_error(err: BaseException, path: Path, kept: str) -> DiskFullError | None:
+    """A :class:`DiskFullError` naming ``path`` when ``err``, raised while writing it, means that the disk or the
+    quota is full (else None); ``kept`` says what the failed write left, for the message. Call it before freeing
+    any space: an unexplained writer error counts only while the file system is nearly full."""
+    if not _disk_full(err, path.parent):
+        return None
+    return DiskFullError(errno.ENOSPC, f"{path}: cannot write it, the disk (or the quota) is full "
+                         f"({type(err).__name__}: {err}); {kept}. Free space in {path.parent} (or write elsewhere) "
+                         "and rerun")
 
 
 def _disk_full(err: BaseException, folder: Path) -> bool:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
-from universal.core.atomic import atomic_output
+from universal.core.atomic import atomic_output, disk_full_error
 from universal.data.download.errors import DownloadError
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,12 @@ def fetch(url: str, dest: Path, sha256: str | None, *, md5: str | None = None, r
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".partial")
     started = time.monotonic()
-    _download(url, partial, retries=retries, backoff_s=backoff_s, timeout_s=timeout_s, chunk=chunk)
+    try:
+        _download(url, partial, retries=retries, backoff_s=backoff_s, timeout_s=timeout_s, chunk=chunk)
+    except OSError as err:
+        if (full := disk_full_error(err, partial, "what was downloaded is kept, so the next run resumes")) is None:
+            raise
+        raise full from err
     if not dest.name.lower().endswith(HTML_SUFFIXES) and (title := html_page_title(partial)) is not None:
         partial.unlink()
         raise _refuse_html(url, dest, title)
