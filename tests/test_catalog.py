@@ -121,3 +121,66 @@ def test_bad_label_maps_name_the_dataset(classes, tmp_path, labels, message):
     with pytest.raises(CatalogError, match=message) as info:
         load_catalog(path, classes)
     assert "dataset 'bad'" in str(info.value)
+
+
+def _msd_task(tmp_path: Path, training: object) -> Path:
+    task = tmp_path / "Task03_Liver"
+    task.mkdir(parents=True, exist_ok=True)
+    (task / "dataset.json").write_text(json.dumps({"name": "Liver", "training": training}))
+    return task
+
+
+def test_msd_entries_sharing_a_file_stem_are_refused(catalog, tmp_path):
+    task = _msd_task(tmp_path, [{"image": "./imagesTr/liver_0.nii.gz", "label": "./labelsTr/liver_0.nii.gz"},
+                                {"image": "./imagesTs/liver_0.nii", "label": "./labelsTs/liver_0.nii"}])
+    for folder, name in (("imagesTr", "liver_0.nii.gz"), ("labelsTr", "liver_0.nii.gz"), ("imagesTs", "liver_0.nii"),
+                         ("labelsTs", "liver_0.nii")):
+        _touch(task / folder / name)
+    with pytest.raises(CatalogError, match=r"imagesTr/liver_0\.nii\.gz and .*imagesTs/liver_0\.nii share the case id "
+                                           r"'liver_0'.*rename one"):
+        find_cases(catalog["demo_msd_liver"], tmp_path)
+
+
+@pytest.mark.parametrize("image", ["../../outside/liver_0.nii.gz", "/etc/liver_0.nii.gz"])
+def test_msd_paths_leaving_the_task_folder_are_refused(catalog, tmp_path, image):
+    _msd_task(tmp_path, [{"image": image, "label": "./labelsTr/liver_0.nii.gz"}])
+    with pytest.raises(CatalogError, match=r"dataset\.json: training\[0\]\.image .* would leave"):
+        find_cases(catalog["demo_msd_liver"], tmp_path)
+
+
+@pytest.mark.parametrize(("document", "message"), [
+    ("{not json", "cannot read"),
+    ("[1, 2]", "expected a JSON object with a 'training' list"),
+    ('{"training": [{"image": "./imagesTr/liver_0.nii.gz"}]}', r"training\[0\] must have 'image' and 'label'"),
+    ('{"numTraining": 1}', "expected a JSON object with a 'training' list"),
+])
+def test_malformed_msd_dataset_json_names_the_file_and_key(catalog, tmp_path, document, message):
+    task = tmp_path / "Task03_Liver"
+    task.mkdir()
+    (task / "dataset.json").write_text(document)
+    with pytest.raises(CatalogError, match=message) as info:
+        find_cases(catalog["demo_msd_liver"], tmp_path)
+    assert "Task03_Liver/dataset.json" in str(info.value)
+
+
+def _one_entry(tmp_path: Path, **changes) -> Path:
+    body = {"name": "x", "licence": "x", "source": {"kind": "manual"}, "role": "train",
+            "layout": {"kind": "pattern", "image": "{case}.nii", "label": "{case}_l.nii"}, "labels": {1: "Liver"}}
+    path = tmp_path / "datasets.yaml"
+    path.write_text(yaml.safe_dump({"datasets": {"bad": {**body, **changes}}}))
+    return path
+
+
+@pytest.mark.parametrize("changes", [{"annotated": ["Liver", "Spleen"]},
+                                     {"annotated_overrides": [{"cases_from": 5, "annotated": ["Spleen"]}]}])
+def test_an_annotated_class_no_value_maps_to_is_refused(classes, tmp_path, changes):
+    with pytest.raises(CatalogError, match=r"dataset 'bad': annotated class 'Spleen' is the class of no raw label"):
+        load_catalog(_one_entry(tmp_path, **changes), classes)
+
+
+@pytest.mark.parametrize("layout", [{"kind": "pattern", "image": "../{case}.nii", "label": "{case}_l.nii"},
+                                    {"kind": "pattern", "image": "{case}.nii", "label": "/data/{case}_l.nii"},
+                                    {"kind": "msd", "root": "../Task03_Liver"}])
+def test_catalog_paths_leaving_the_dataset_folder_are_refused(classes, tmp_path, layout):
+    with pytest.raises(CatalogError, match=r"must be a (path|folder) inside the dataset folder"):
+        load_catalog(_one_entry(tmp_path, layout=layout), classes)

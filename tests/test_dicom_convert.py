@@ -120,3 +120,111 @@ def test_bad_template_is_refused(tmp_path: Path, template: str, message: str) ->
 def test_missing_folder_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConversionError, match="no such folder"):
         convert_series(tmp_path / "absent", tmp_path / "out", TEMPLATE)
+
+
+@pytest.mark.parametrize("patient", ["../../escaped/X", "/tmp/escaped_X", "a/../../X", ".."])
+def test_header_values_never_write_outside_out(tmp_path: Path, patient: str) -> None:
+    dicom, out = tmp_path / "dicom", tmp_path / "work" / "out"
+    _idc_series(dicom, "PANCREAS_0001", _volume(1), tag="a")
+    write_dicom_series(_volume(2), dicom / "hostile", "{:03d}.dcm", hu=True, patient_id=patient)
+
+    results = {r.folder.name: r for r in convert_series(dicom, out, TEMPLATE)}
+
+    assert results["CT_seriesa"].status == "written"
+    assert results["hostile"].status == "failed" and "PatientID" in results["hostile"].error
+    assert "cannot be part of a file name" in results["hostile"].error
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.nii.gz"))
+    assert written == ["work/out/img/PANCREAS_0001.nii.gz"]
+    assert not Path("/tmp/escaped_X.nii.gz").exists()
+
+
+def test_a_template_leaving_out_is_refused(tmp_path: Path) -> None:
+    _idc_series(tmp_path / "dicom", "P1", _volume(1))
+    with pytest.raises(ConversionError, match="must be a path inside the output folder"):
+        convert_series(tmp_path / "dicom", tmp_path / "out", "../img/{PatientID}.nii.gz")
+
+
+@pytest.mark.parametrize("which, keep", [("first", 50), ("last", 300), ("first", 0)])
+def test_an_unreadable_end_slice_fails_the_series(tmp_path: Path, which: str, keep: int) -> None:
+    folder = _idc_series(tmp_path / "dicom", "P1", _volume(1))
+    files = sorted(folder.iterdir())
+    broken = files[0] if which == "first" else files[-1]
+    broken.write_bytes(broken.read_bytes()[:keep])
+
+    [result] = convert_series(tmp_path / "dicom", tmp_path / "out", TEMPLATE)
+
+    assert result.status == "failed" and broken.name in result.error
+    assert "cannot be read as slices of the series" in result.error
+    assert not (tmp_path / "out" / "img").exists()
+
+
+def test_a_corrupt_middle_slice_is_named_not_called_uneven_spacing(tmp_path: Path) -> None:
+    folder = _idc_series(tmp_path / "dicom", "P1", _volume(1))
+    middle = sorted(folder.iterdir())[2]
+    middle.write_bytes(b"\x00" * 700)
+
+    [result] = convert_series(tmp_path / "dicom", tmp_path / "out", TEMPLATE)
+
+    assert result.status == "failed" and f"{middle.name} (" in result.error
+    assert "evenly spaced" not in result.error
+
+
+def test_notes_and_other_objects_beside_the_slices_are_skipped(tmp_path: Path) -> None:
+    folder = _idc_series(tmp_path / "dicom", "P1", _volume(1))
+    (folder / "README.txt").write_text("downloaded from IDC")
+    (folder / ".DS_Store").write_bytes(b"\x00\x01")
+    [result] = convert_series(tmp_path / "dicom", tmp_path / "out", TEMPLATE)
+    assert result.status == "written"
+    assert load_nifti(result.output).shape == (9, 7, 5)
+
+
+def test_a_series_without_pixel_spacing_fails_alone(tmp_path: Path) -> None:
+    dicom, out = tmp_path / "dicom", tmp_path / "out"
+    _idc_series(dicom, "P1", _volume(1), tag="a")
+    broken = _idc_series(dicom, "P2", _volume(2), tag="b")
+    for path in broken.iterdir():
+        ds = pydicom.dcmread(path)
+        del ds.PixelSpacing
+        ds.save_as(path)
+
+    results = {r.folder.name: r for r in convert_series(dicom, out, TEMPLATE)}
+
+    assert results["CT_seriesa"].status == "written"
+    assert results["CT_seriesb"].status == "failed" and "has no PixelSpacing" in results["CT_seriesb"].error
+    assert [row["status"] for row in _report(out)] == ["written", "failed"]
+
+
+def test_any_error_of_a_series_is_one_report_line(tmp_path: Path, monkeypatch) -> None:
+    from universal.data import dicom_convert
+
+    dicom, out = tmp_path / "dicom", tmp_path / "out"
+    _idc_series(dicom, "P1", _volume(1), tag="a")
+    _idc_series(dicom, "P2", _volume(2), tag="b")
+    real = dicom_convert.read_dicom_series
+
+    def flaky(folder: Path, with_pixels: bool):
+        if folder.name == "CT_seriesb":
+            raise RuntimeError("decoder crashed:\n  frame 3\n  frame 4")
+        return real(folder, with_pixels)
+
+    monkeypatch.setattr(dicom_convert, "read_dicom_series", flaky)
+    results = {r.folder.name: r.status for r in convert_series(dicom, out, TEMPLATE)}
+
+    assert results == {"CT_seriesa": "written", "CT_seriesb": "failed"}
+    lines = (out / REPORT_NAME).read_text().splitlines()
+    assert len(lines) == 3 and lines[2].endswith("RuntimeError: decoder crashed: | frame 3 | frame 4")
+
+
+def test_a_folder_without_the_modality_names_what_it_holds(tmp_path: Path) -> None:
+    _idc_series(tmp_path / "dicom", "P1", _volume(1), modality="MR")
+    with pytest.raises(ConversionError, match=r"no CT series below it; found MR: 1 series"):
+        convert_series(tmp_path / "dicom", tmp_path / "out", TEMPLATE)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_command_fails_for_a_folder_without_ct(tmp_path: Path, capsys) -> None:
+    from universal import cli
+
+    _idc_series(tmp_path / "dicom", "P1", _volume(1), modality="MR")
+    assert cli.main(["dicom-to-nifti", "--input", str(tmp_path / "dicom"), "--out", str(tmp_path / "out")]) == 2
+    assert "found MR: 1 series" in capsys.readouterr().err

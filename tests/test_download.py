@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import logging
@@ -18,9 +19,17 @@ from urllib.parse import urlsplit
 import pytest
 
 import universal.data.download.fetch as fetch_module
+from universal.core.atomic import DiskFullError
 from universal.data.catalog import load_catalog
+from universal.data.download import archives
 from universal.data.download.archives import safe_extract
-from universal.data.download.datasets import MIRROR_ENV, apply_mirror, check_manual, download_dataset
+from universal.data.download.datasets import (
+    MIRROR_ENV,
+    apply_mirror,
+    check_manual,
+    download_dataset,
+    extraction_marker,
+)
 from universal.data.download.errors import DownloadError
 from universal.data.download.fetch import checksum_record, fetch
 
@@ -358,6 +367,13 @@ datasets:
     layout: {kind: msd, root: Task}
     labels: {1: Liver}
     role: train
+  unpinned_tarball:
+    name: "A dataset as one tarball whose checksum nobody published"
+    licence: "CC0-1.0"
+    source: {kind: url, url: "https://data.example.org/pub/Unpinned.tar.gz", archive: true}
+    layout: {kind: msd, root: Task}
+    labels: {1: Liver}
+    role: train
   in_idc:
     name: "A dataset in the Imaging Data Commons"
     licence: "CC-BY-4.0"
@@ -459,3 +475,100 @@ def test_generated_dataset_needs_nothing(tmp_path, entries):
     root = tmp_path / "made_here"
     assert download_dataset(entries()["made_here"], root) == root
     assert not root.exists()
+
+
+LOGIN_PAGE = b"<!DOCTYPE html>\n<html><head><title>Sign in - Data Portal</title></head><body>Log in</body></html>"
+
+
+def test_an_html_page_instead_of_a_file_is_refused_and_not_pinned(server, tmp_path):
+    server.files["/data/file.bin"] = LOGIN_PAGE
+    dest = tmp_path / "file.bin"
+    with pytest.raises(DownloadError, match=r"file\.bin: the server returned an HTML page \(title 'Sign in - Data "
+                                            r"Portal'\) instead of file\.bin: a login.*no checksum was recorded"):
+        fetch(f"{server.url}/data/file.bin", dest, None, **FAST)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_an_html_page_pinned_by_an_earlier_run_is_downloaded_again(server, tmp_path):
+    dest = tmp_path / "file.bin"
+    dest.write_bytes(LOGIN_PAGE)
+    checksum_record(dest).write_text(f"{sha256(LOGIN_PAGE)}  file.bin\n")
+    fetch(f"{server.url}/data/file.bin", dest, None, **FAST)
+    assert dest.read_bytes() == PAYLOAD
+    assert checksum_record(dest).read_text().split()[0] == sha256(PAYLOAD)
+
+
+def test_an_archive_that_does_not_open_is_refused_and_not_pinned(server, tmp_path, entries):
+    server.files["/pub/Unpinned.tar.gz"] = bytes(range(256)) * 8  # neither HTML nor a tar archive
+    root = tmp_path / "datasets" / "unpinned"
+    with pytest.raises(DownloadError, match=r"Unpinned\.tar\.gz: the download does not open as a tar archive.*"
+                                            r"no checksum was recorded"):
+        download_dataset(entries()["unpinned_tarball"], root, mirror=server.url, **FAST)
+    downloads = tmp_path / "datasets" / ".downloads"
+    assert not root.exists() and not [p for p in downloads.rglob("*") if p.is_file()]
+
+
+def test_a_stray_file_does_not_mark_an_archive_extracted(server, tmp_path, entries):
+    tarball = make_tar(tmp_path / "Task.tar.gz", GOOD).read_bytes()
+    server.files["/pub/Task.tar.gz"] = tarball
+    entry = entries(SHA_TAR=sha256(tarball))["one_tarball"]
+    root = tmp_path / "datasets" / "one_tarball"
+    root.mkdir(parents=True)
+    (root / "notes.txt").write_text("mine")
+    marker = extraction_marker(tmp_path / "datasets" / ".downloads" / "one_tarball" / "Task.tar.gz")
+    with pytest.raises(DownloadError, match=rf"one_tarball already has content, but no extraction of Task\.tar\.gz "
+                                            rf"into it was completed \({re.escape(str(marker))} is missing\)"):
+        download_dataset(entry, root, mirror=server.url, **FAST)
+    assert sorted(p.name for p in root.iterdir()) == ["notes.txt"] and not server.requests
+
+    (root / "notes.txt").unlink()
+    download_dataset(entry, root, mirror=server.url, **FAST)
+    assert {n: (root / n).read_bytes() for n in GOOD} == GOOD and marker.read_text() == f"{root}\n"
+    (root / "Task" / "images" / "a.nii.gz").unlink()  # a partly deleted dataset keeps its marker: not re-extracted
+    download_dataset(entry, root, mirror=server.url, **FAST)
+    assert len(server.requests) == 1
+
+
+def test_an_archive_extracted_before_its_folder_was_deleted_is_extracted_again(server, tmp_path, entries):
+    tarball = make_tar(tmp_path / "Task.tar.gz", GOOD).read_bytes()
+    server.files["/pub/Task.tar.gz"] = tarball
+    entry = entries(SHA_TAR=sha256(tarball))["one_tarball"]
+    root = tmp_path / "datasets" / "one_tarball"
+    download_dataset(entry, root, mirror=server.url, **FAST)
+    for path in sorted(root.rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    download_dataset(entry, root, mirror=server.url, **FAST)
+    assert {n: (root / n).read_bytes() for n in GOOD} == GOOD and len(server.requests) == 1
+
+
+@pytest.mark.parametrize("maker, name", [(make_tar, "big.tar.gz"), (make_zip, "big.zip")])
+@pytest.mark.parametrize("limit, message", [({"max_members": 2}, "refusing to extract 3 members, more than the "
+                                                                  "limit of 2"),
+                                            ({"max_bytes": 10}, "refusing to extract 0.0 GB, more than the limit")])
+def test_archive_limits_are_checked_before_anything_is_written(tmp_path, maker, name, limit, message):
+    archive = maker(tmp_path / name, GOOD)
+    with pytest.raises(DownloadError, match=rf"{re.escape(name)}: {message}.*nothing was extracted"):
+        safe_extract(archive, tmp_path / "out", **limit)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_an_archive_larger_than_the_free_space_is_refused(tmp_path, monkeypatch):
+    archive = make_tar(tmp_path / "a.tar", GOOD)
+    usage = type("usage", (), {"free": 8})
+    monkeypatch.setattr(archives.shutil, "disk_usage", lambda _: usage)
+    with pytest.raises(DownloadError, match=r"a\.tar: it unpacks to 0\.0 GB, but .* has only 0\.0 GB free"):
+        safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_during_a_download_is_named_and_the_partial_file_kept(server, tmp_path, monkeypatch):
+    def full(url, partial, **kwargs):
+        partial.write_bytes(PAYLOAD[:1000])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fetch_module, "_download", full)
+    dest = tmp_path / "file.bin"
+    with pytest.raises(DiskFullError, match=r"file\.bin\.partial: cannot write it, the disk \(or the quota\) is full.*"
+                                            r"kept, so the next run resumes"):
+        fetch(f"{server.url}/data/file.bin", dest, sha256(PAYLOAD), **FAST)
+    assert dest.with_name("file.bin.partial").stat().st_size == 1000

@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -165,3 +166,83 @@ def test_harmonize_case_keeps_geometry(catalog, classes, tmp_path):
     assert result.image.shape == (10, 12, 5) and result.label.shape == (10, 12, 5)
     np.testing.assert_allclose(result.image.origin, (0.0, 0.0, 0.0))
     assert result.attrs["midline_x_mm"] == pytest.approx(19.0)
+
+
+def _body(shape=(30, 30, 30)) -> tuple[np.ndarray, np.ndarray]:
+    image = np.full(shape, -1000, np.int16)
+    image[5:25, 5:25, 5:25] = 100
+    label = np.zeros(shape, np.uint8)
+    label[8:20, 8:20, 8:20] = 1
+    return image, label
+
+
+def _report_rows(path: Path) -> dict[str, dict]:
+    lines = path.read_text().splitlines()
+    header = lines[0].split("\t")
+    return {row["case_id"]: row for row in (dict(zip(header, line.split("\t"), strict=True)) for line in lines[1:])}
+
+
+def test_a_singular_affine_fails_its_case_only(catalog, classes, tmp_path):
+    image, label = _body()
+    good = _write_case(tmp_path, "good", image, label)
+    header = nib.Nifti1Header()
+    header.set_data_shape(image.shape)
+    header.set_data_dtype(np.int16)
+    header["srow_x"], header["srow_y"], header["srow_z"] = [2, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]
+    header["sform_code"], header["vox_offset"] = 1, 352
+    singular = tmp_path / "singular_img.nii"
+    singular.write_bytes(header.binaryblock + bytes(4) + image.tobytes(order="F"))
+    cases = [good, Case("demo_msd_liver", "singular", singular, good.label)]
+    failed = harmonize_dataset(cases, catalog["demo_msd_liver"], classes, tmp_path / "s.zarr", (3.0, 3.0, 3.0),
+                               tmp_path / "r.tsv")
+    assert failed == ["singular"] and list_cases(tmp_path / "s.zarr") == ["good"]
+    assert "singular_img.nii: the header's affine" in _report_rows(tmp_path / "r.tsv")["singular"]["error"]
+
+
+def test_any_error_of_a_case_is_one_report_line_and_the_others_go_on(catalog, classes, tmp_path, monkeypatch):
+    from universal.data import harmonize
+
+    image, label = _body()
+    cases = [_write_case(tmp_path, name, image, label) for name in ("a", "odd", "b")]
+    real = harmonize.read_image
+
+    def flaky(case, entry):
+        if case.case_id == "odd":
+            raise ZeroDivisionError("decoder crashed:\n  in frame 3")
+        return real(case, entry)
+
+    monkeypatch.setattr(harmonize, "read_image", flaky)
+    failed = harmonize_dataset(cases, catalog["demo_msd_liver"], classes, tmp_path / "s.zarr", (3.0, 3.0, 3.0),
+                               tmp_path / "r.tsv")
+    assert failed == ["odd"] and list_cases(tmp_path / "s.zarr") == ["a", "b"]
+    assert len((tmp_path / "r.tsv").read_text().splitlines()) == 4
+    assert _report_rows(tmp_path / "r.tsv")["odd"]["error"] == (
+        "demo_msd_liver/odd: ZeroDivisionError: decoder crashed: | in frame 3")
+
+
+@pytest.mark.parametrize("case_id", ["..", "../x", "."])
+def test_a_case_id_that_is_no_file_name_fails_without_writing_outside(catalog, classes, tmp_path, case_id):
+    image, label = _body()
+    data = tmp_path / "data"
+    good = _write_case(data, "good", image, label)
+    cases = [good, Case("demo_msd_liver", case_id, good.image, good.label)]
+    store = tmp_path / "stores" / "s.zarr"
+    failed = harmonize_dataset(cases, catalog["demo_msd_liver"], classes, store, (3.0, 3.0, 3.0), tmp_path / "r.tsv")
+    assert failed == [case_id] and list_cases(store) == ["good"]
+    assert "cannot name a case group" in _report_rows(tmp_path / "r.tsv")[case_id]["error"]
+    assert sorted(p.name for p in (tmp_path / "stores").iterdir()) == ["s.zarr"]
+    assert sorted(p.name for p in data.iterdir()) == ["good_img.nii.gz", "good_lbl.nii.gz"]
+
+
+@pytest.mark.parametrize("fill, message", [(-1024, "every voxel is -1024 HU"), (0, "every voxel is 0 HU"),
+                                           (None, "no voxel above -500 HU")])
+def test_a_blank_ct_is_stored_with_a_warning_naming_it(catalog, classes, tmp_path, caplog, fill, message):
+    image, label = _body()
+    blank = np.full(image.shape, fill, np.int16) if fill is not None else np.where(image > 0, -600, -1000)
+    cases = [_write_case(tmp_path, "good", image, label), _write_case(tmp_path, "blank", blank.astype(np.int16), label)]
+    failed = harmonize_dataset(cases, catalog["demo_msd_liver"], classes, tmp_path / "s.zarr", (3.0, 3.0, 3.0),
+                               tmp_path / "r.tsv")
+    rows = _report_rows(tmp_path / "r.tsv")
+    assert failed == [] and rows["good"]["warning"] == ""
+    assert rows["blank"]["status"] == "ok" and message in rows["blank"]["warning"]
+    assert any("demo_msd_liver/blank" in r.message and r.levelname == "WARNING" for r in caplog.records)

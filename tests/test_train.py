@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import csv
+import errno
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from synthetic import write_sphere_case
 
 import universal.train.loop as train_module
-from universal.core.classes import load_class_table
+from universal.core.atomic import DiskFullError
+from universal.core.classes import default_class_table_path, load_class_table
+from universal.data.store import StoreError
 from universal.model.network import ModelConfig, UniversalModel, build_model, load_checkpoint
 from universal.train.checkpoints import latest_checkpoint, parameter_groups, rng_state, set_rng_state
 from universal.train.config import TrainConfig, lr_at_step, train_config_from_options
@@ -321,3 +325,60 @@ def test_checkpoints_record_the_grid_window_and_roi_inference_needs(inputs: dict
         record = torch.load(path, weights_only=True)
         assert record["preprocessing"] == {"spacing_mm": [2.0, 2.0, 2.0], "window_hu": [-175.0, 250.0],
                                            "roi": [32, 32, 32], "orientation": "RAS"}
+
+
+def _swapped_table(tmp_path: Path) -> Path:
+    """The default class table with the indices of Liver and Spleen swapped, as an edit after harmonization."""
+    doc = yaml.safe_load(default_class_table_path().read_text())
+    rows = {row["name"]: row for row in doc["classes"]}
+    rows["Liver"]["index"], rows["Spleen"]["index"] = rows["Spleen"]["index"], rows["Liver"]["index"]
+    path = tmp_path / "classes.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_a_store_harmonized_with_another_class_table_is_refused(inputs: dict, tmp_path: Path) -> None:
+    table = _swapped_table(tmp_path)
+    built, now = load_class_table().digest(), load_class_table(table).digest()
+    with pytest.raises(StoreError, match=rf"kidney\.zarr: harmonized with the class table of digest {built}, but "
+                                         rf"training uses .*classes\.yaml of digest {now} \(class by class, built "
+                                         r"with -> now: Spleen -> Liver, Liver -> Spleen\).*Re-run harmonize"):
+        train(_config(inputs, tmp_path / "out", steps=1, class_table=str(table)))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_validation_store_without_a_digest_is_refused(inputs: dict, tmp_path: Path) -> None:
+    from universal.core.volume import Volume
+    from universal.data.store import write_case
+
+    bare = tmp_path / "bare.zarr"
+    case = Volume(np.zeros((8, 8, 8), np.int16), np.eye(4))
+    write_case(bare, "c0", case, Volume(np.zeros((8, 8, 8), np.uint8), np.eye(4)), {"midline_x_mm": 0.0})
+    with pytest.raises(StoreError, match=r"bare\.zarr: the store records no class_table_digest.*re-run harmonize"):
+        train(_config(inputs, tmp_path / "out", steps=1, val_stores=[str(bare)], val_every=1))
+
+
+@pytest.mark.parametrize(("backbone", "size"), [("unet", (16, 16, 16)), ("unet", (32, 32, 8)), ("unet", (24, 24, 24)),
+                                                ("swinunetr", (32, 32, 32)), ("swinunetr", (48, 48, 48))])
+def test_a_patch_size_the_backbone_cannot_take_is_refused_at_config_time(inputs: dict, tmp_path: Path, backbone: str,
+                                                                         size: tuple) -> None:
+    model = TINY_UNET if backbone == "unet" else ModelConfig(backbone="swinunetr", feature_size=12)
+    with pytest.raises(ValueError, match=rf"patch_size \[{size[0]}, .*too small for the {backbone} backbone"):
+        _config(inputs, tmp_path, model=model, patches=PatchConfig(patch_size=size, rotate90_prob=0.0))
+
+
+@pytest.mark.parametrize(("backbone", "size"), [("unet", (32, 32, 32)), ("unet", (32, 32, 16)),
+                                                ("swinunetr", (64, 64, 32)), ("swinunetr", (96, 96, 96))])
+def test_patch_sizes_the_backbone_takes_pass(inputs: dict, tmp_path: Path, backbone: str, size: tuple) -> None:
+    model = TINY_UNET if backbone == "unet" else ModelConfig(backbone="swinunetr", feature_size=12)
+    assert _config(inputs, tmp_path, model=model, patches=PatchConfig(patch_size=size)).patches.patch_size == size
+
+
+def test_a_full_disk_while_logging_is_named(inputs: dict, tmp_path: Path, monkeypatch) -> None:
+    def full(self, row: dict) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train_module.TrainLog, "write", full)
+    with pytest.raises(DiskFullError, match=r"train_log\.csv: cannot write it, the disk \(or the quota\) is full.*"
+                                            r"a rerun resumes from the newest"):
+        train(_config(inputs, tmp_path, steps=1))

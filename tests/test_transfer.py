@@ -32,25 +32,29 @@ OPTIONS = {"backbone": "unet", "features": [8, 8, 16, 16, 32, 8], "patch_size": 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict:
-    """A class table with a disabled novel organ, a store annotating all three classes, embeddings files with
-    two rows (base) and three rows (the same two plus the novel class), and a base model trained 3 steps."""
+    """A class table with a disabled novel organ, a store annotating all three classes (harmonized with the novel
+    class included) and one annotating the two base classes (harmonized without it), embeddings files with two
+    rows (base) and three rows (the same two plus the novel class), and a base model trained 3 steps."""
     root = tmp_path_factory.mktemp("transfer")
     table = root / "classes.yaml"
     table.write_text(TABLE)
     classes = load_class_table(table, include=[NOVEL])
-    write_sphere_case(root / "abdomen.zarr", "abdomen_0", classes,
-                      [("Liver", (12, 20, 20), 6, 80), ("Spleen", (28, 20, 20), 6, 60), (NOVEL, (20, 30, 20), 6, 300)],
-                      np.random.default_rng(2), "abdomen", annotated=classes.names)
+    spheres = [("Liver", (12, 20, 20), 6, 80), ("Spleen", (28, 20, 20), 6, 60), (NOVEL, (20, 30, 20), 6, 300)]
+    write_sphere_case(root / "abdomen.zarr", "abdomen_0", classes, spheres, np.random.default_rng(2), "abdomen",
+                      annotated=classes.names)
+    write_sphere_case(root / "abdomen_base.zarr", "abdomen_0", load_class_table(table), spheres[:2],
+                      np.random.default_rng(2), "abdomen")
     rows = torch.randn(3, 512)
     paths = {}
     for key, count in (("base", 2), ("novel", 3)):
         paths[key] = root / f"prompts_{key}.pt"
         torch.save({"embeddings": rows[:count].clone(), "class_names": classes.names[:count],
                     "prompts": classes.prompts[:count], "encoder": {"model": "random"}}, paths[key])
-    base = train(train_config_from_options(OPTIONS, stores=[root / "abdomen.zarr"], weights=None,
+    base = train(train_config_from_options(OPTIONS, stores=[root / "abdomen_base.zarr"], weights=None,
                                            embeddings=paths["base"], classes=table, include_classes=[],
                                            out_dir=root / "base"))
-    return {"root": root, "table": table, "store": root / "abdomen.zarr", "base": base, "rows": rows,
+    return {"root": root, "table": table, "store": root / "abdomen.zarr", "base_store": root / "abdomen_base.zarr",
+            "base": base, "rows": rows,
             "base_embeddings": paths["base"], "novel_embeddings": paths["novel"]}
 
 
@@ -116,7 +120,7 @@ def test_init_checkpoint_classes_missing_from_the_table(inputs: dict, tmp_path: 
     config = ModelConfig.from_dict(torch.load(inputs["base"], weights_only=True)["model_config"])
     save_checkpoint(novel_model, build_model(config, inputs["rows"]), config, ["Liver", "Spleen", NOVEL])
     options = {**OPTIONS, "init_checkpoint": str(novel_model), "trainable": "heads"}
-    finetune = train_config_from_options(options, stores=[inputs["store"]], weights=None,
+    finetune = train_config_from_options(options, stores=[inputs["base_store"]], weights=None,
                                          embeddings=inputs["base_embeddings"], classes=inputs["table"],
                                          include_classes=[], out_dir=tmp_path / "out")
     with pytest.raises(ValueError, match=rf"has classes \['{NOVEL}'\] that the class table .* lacks"):

@@ -93,3 +93,15 @@ def test_nan_voxels_are_refused(tmp_path):
     nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "nan.nii.gz"))
     with pytest.raises(VolumeError, match="1 NaN"):
         load_nifti(tmp_path / "nan.nii.gz")
+
+
+def test_singular_affine_is_named(tmp_path):
+    image = nib.Nifti1Image(np.zeros((5, 5, 5), np.int16), np.eye(4))
+    header = image.header
+    header.set_qform(None, code=0)
+    header["srow_x"], header["srow_y"], header["srow_z"] = [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]
+    header["sform_code"] = 1
+    path = tmp_path / "singular.nii"
+    path.write_bytes(header.binaryblock + bytes(4) + np.zeros((5, 5, 5), np.int16).tobytes())
+    with pytest.raises(VolumeError, match=r"singular\.nii: the header's affine .* is singular.*fix the header"):
+        load_nifti(path)

@@ -323,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from universal.core.atomic import DiskFullError
     from universal.core.volume import VolumeError
     from universal.data.download.errors import DownloadError
     from universal.data.harmonize import HarmonizeError
@@ -330,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         status = args.func(args)
-    except (CatalogError, ClassTableError, DownloadError, EmbedError, HarmonizeError, VolumeError, ValueError) as err:
+    except (CatalogError, ClassTableError, DiskFullError, DownloadError, EmbedError, HarmonizeError, VolumeError,
+            ValueError) as err:
         print(f"universal {args.command}: error: {err}", file=sys.stderr)
         return 2
     return status or 0

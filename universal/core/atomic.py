@@ -5,10 +5,15 @@ The temporary name sits next to the target and keeps its extensions, so that wri
 the name still work: ``case.nii.gz`` is written as ``case.partial.nii.gz``, ``store.zarr`` as
 ``store.partial.zarr``, ``table.tsv`` as ``table.partial.tsv``. The same works for folders (a zarr store, an
 OME-Zarr image, a dataset folder).
+
+A write that fails for want of disk space or quota raises :class:`DiskFullError` naming the output, whatever the
+writer raised (an ``OSError`` with ENOSPC or EDQUOT, or a C++ stream error such as torch's "basic_ios::clear"
+when the file system is then nearly full).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Iterator
@@ -16,6 +21,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 PARTIAL = "partial"
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+NEARLY_FULL_BYTES = 1 << 20  # below this much free space, a writer's unexplained I/O error is taken for a full disk
+
+
+class DiskFullError(OSError):
+    """An output could not be written for want of disk space or quota; the message names the output and the fix."""
 
 
 def partial_name(path: str | Path) -> Path:
@@ -54,9 +65,38 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     remove(tmp)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as err:
+        full = disk_full_error(err, final, f"nothing half-written was left and an earlier {final.name} is untouched")
         remove(tmp)
+        if full is not None:
+            raise full from err
         raise
     if tmp.is_dir():
         remove(final)
     os.replace(tmp, final)
+
+
+def disk_full_error(err: BaseException, path: Path, kept: str) -> DiskFullError | None:
+    """A :class:`DiskFullError` naming ``path`` when ``err``, raised while writing it, means that the disk or the
+    quota is full (else None); ``kept`` says what the failed write left, for the message. Call it before freeing
+    any space: an unexplained writer error counts only while the file system is nearly full."""
+    if not _disk_full(err, path.parent):
+        return None
+    return DiskFullError(errno.ENOSPC, f"{path}: cannot write it, the disk (or the quota) is full "
+                         f"({type(err).__name__}: {err}); {kept}. Free space in {path.parent} (or write elsewhere) "
+                         "and rerun")
+
+
+def _disk_full(err: BaseException, folder: Path) -> bool:
+    """Whether ``err`` means the disk or quota is full: ENOSPC/EDQUOT, or an I/O error of a writer that does not
+    say why (torch's C++ writer: "basic_ios::clear") while ``folder``'s file system has almost no space left."""
+    if isinstance(err, DiskFullError):
+        return False  # an inner output already said so
+    if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+        return True
+    if not isinstance(err, (OSError, RuntimeError)):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
+    except OSError:
+        return False

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import csv
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from universal.core.atomic import atomic_output
+
+LINE_BREAKS = re.compile(r"\s*[\r\n]+\s*")
+
+
+def one_line(text: object) -> str:
+    """``text`` as one line for a table cell: line breaks (and the blanks around them) become `` | ``, tabs
+    spaces, so that a multi-line error stays one row for line-oriented readers (grep, awk, cut)."""
+    return LINE_BREAKS.sub(" | ", str(text).strip()).replace("\t", " ")
 
 
 def write_tsv(path: str | Path, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
@@ -15,11 +24,6 @@ def write_tsv(path: str | Path, columns: Sequence[str], rows: Iterable[Sequence[
         writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
         writer.writerow(columns)
         writer.writerows(["" if value is None else value for value in row] for row in rows)
-
-
-def one_line(error: object) -> str:
-    """An error message as one TSV field: line breaks and tabs folded into ' | ' and spaces."""
-    return " | ".join(line.strip() for line in str(error).splitlines() if line.strip()).replace("\t", " ")
 
 
 def read_tsv_rows(path: str | Path) -> list[dict[str, str]]:

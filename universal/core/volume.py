@@ -70,10 +70,13 @@ def load_nifti(path: str | Path, dtype: type | None = None) -> Volume:
     path = Path(path)
     try:
         image = _read_image(path)
+        check_affine(image.affine, path)
         canonical = nib.as_closest_canonical(image)
         array = np.asarray(canonical.dataobj)
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError,
-            ValueError) as err:
+            nib.orientations.OrientationError, ValueError) as err:
+        if isinstance(err, VolumeError):
+            raise
         raise VolumeError(f"{path}: cannot read as NIfTI: {err}") from err
     if array.ndim == 4 and array.shape[3] == 1:
         array = array[..., 0]
@@ -82,11 +85,19 @@ def load_nifti(path: str | Path, dtype: type | None = None) -> Volume:
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise VolumeError(f"{path}: contains {int((~np.isfinite(array)).sum())} NaN or infinite voxels")
     affine = np.asarray(canonical.affine, dtype=np.float64)
-    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise VolumeError(f"{path}: the affine is singular or not finite: {affine.tolist()}")
     if dtype is not None:
         array = array.astype(dtype, copy=False)
     return Volume(array, affine)
+
+
+def check_affine(affine: np.ndarray, path: object) -> None:
+    """Raise :class:`VolumeError` naming ``path`` when a voxel -> world affine (4x4, mm) is not finite or singular
+    (a zero voxel size or two parallel axes), which no orientation or spacing can be read from."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise VolumeError(f"{path}: the header's affine (sform/qform) is singular or not finite (a zero voxel size "
+                          f"or parallel axes): {affine.tolist()}; fix the header (the voxel size and orientation), "
+                          "e.g. by exporting the image again")
 
 
 NIFTI_HEADER_SIZES = {348: nib.Nifti1Image, 540: nib.Nifti2Image}

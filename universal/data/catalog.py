@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from universal.core.classes import ClassTable
+from universal.core.paths import PathEscapeError, file_name_problem, join_inside, relative_path_problem
 from universal.core.project import CONFIG_DIR
 from universal.core.tsv import write_tsv
 
@@ -148,6 +149,12 @@ def _parse_entry(path: Path, key: str, body: object, classes: ClassTable) -> Dat
             for k in keys:
                 if str(group.get(k, "")).count("{case}") != 1:
                     raise CatalogError(f"{where}: layout.{k} must be a path containing {{case}} once")
+                if problem := relative_path_problem(str(group[k])):
+                    raise CatalogError(f"{where}: layout.{k} {group[k]!r} must be a path inside the dataset "
+                                       f"folder; it is {problem}")
+    if kind == "msd" and (problem := relative_path_problem(str(layout.get("root", "")) or ".")):
+        raise CatalogError(f"{where}: layout.root {layout['root']!r} must be a folder inside the dataset folder; "
+                           f"it is {problem}")
     if kind == "pattern" and body["role"] == "train" and layout.get("label") is None:
         raise CatalogError(f"{where}: a training dataset needs labels: give layout.label")
     _check_case_numbers(where, layout)
@@ -164,6 +171,10 @@ def _parse_entry(path: Path, key: str, body: object, classes: ClassTable) -> Dat
         for name in names:
             if name not in classes:
                 raise CatalogError(f"{where}: annotated class {name!r} is not in the class table")
+            if name not in mapped:
+                raise CatalogError(f"{where}: annotated class {name!r} is the class of no raw label value, so it "
+                                   "would be learnt as absent from every case; map a raw value to it in labels, "
+                                   "or drop it from annotated")
     return DatasetEntry(key=key, name=body["name"], licence=body["licence"], citation=body.get("citation", ""),
                         source=source, layout_kind=kind, layout=layout, labels=labels,
                         annotated=annotated, role=body["role"], overrides=overrides)
@@ -238,18 +249,37 @@ def find_cases(entry: DatasetEntry, root: str | Path) -> list[Case]:
 
 
 def _msd_cases(entry: DatasetEntry, root: Path) -> list[Case]:
+    """The cases of a Medical Segmentation Decathlon ``dataset.json``: its ``training`` list of ``{image, label}``
+    paths relative to the task folder, each case named by its image's file name up to the first dot."""
     task_root = root / entry.layout.get("root", "")
     meta_path = task_root / "dataset.json"
     try:
         meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CatalogError(f"dataset {entry.key!r}: cannot read {meta_path}: {err}") from err
-    cases = []
-    for item in meta.get("training", []):
-        image = task_root / item["image"]
+    where = f"dataset {entry.key!r}: {meta_path}"
+    training = meta.get("training") if isinstance(meta, dict) else None
+    if not isinstance(training, list):
+        raise CatalogError(f"{where}: expected a JSON object with a 'training' list of {{image, label}} entries; "
+                           "is it the Decathlon's dataset.json?")
+    cases: dict[str, Case] = {}
+    for position, item in enumerate(training):
+        if not isinstance(item, dict) or not all(isinstance(item.get(key), str) for key in ("image", "label")):
+            raise CatalogError(f"{where}: training[{position}] must have 'image' and 'label' paths, got {item!r}")
+        try:
+            image = join_inside(task_root, item["image"], f"training[{position}].image")
+            label = join_inside(task_root, item["label"], f"training[{position}].label")
+        except PathEscapeError as err:
+            raise CatalogError(f"{where}: {err}") from err
         case_id = image.name.split(".")[0]
-        cases.append(Case(entry.key, case_id, image, task_root / item["label"]))
-    return sorted(cases, key=lambda c: c.case_id)
+        if problem := file_name_problem(case_id):
+            raise CatalogError(f"{where}: training[{position}].image {item['image']!r} gives no case id: {problem}")
+        if case_id in cases:
+            raise CatalogError(f"{where}: training entries {cases[case_id].image} and {image} share the case id "
+                               f"{case_id!r} (the file name up to its first dot), so one would overwrite the other; "
+                               "rename one of the files")
+        cases[case_id] = Case(entry.key, case_id, image, label)
+    return sorted(cases.values(), key=lambda c: c.case_id)
 
 
 def _pattern_cases(entry: DatasetEntry, root: Path) -> list[Case]:

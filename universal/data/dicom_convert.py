@@ -6,20 +6,25 @@ NIfTI file per case. :func:`convert_series` finds every series of the wanted mod
 with :func:`universal.data.layouts.read_dicom_series` (geometry from ImagePositionPatient/ImageOrientationPatient,
 HU from the rescale tags) and writes it as ``<out_root>/<image template>``, where the template names DICOM
 attributes, e.g. ``img/{PatientID}.nii.gz``. Each file is written under a temporary name and renamed; files that
-exist are kept (a rerun converts only what is missing). A series that cannot be read, lacks an attribute of the
-template, or whose output name another series also claims is reported, not written; the others go on. The report
-(``conversion.tsv`` in ``out_root``) lists every series with its status.
+exist are kept (a rerun converts only what is missing). A series that cannot be read (whatever the error), lacks
+an attribute of the template, has an attribute that is not one file name (a header value such as ``../x`` or
+``/tmp/x`` must never place a file outside ``out_root``), or whose output name another series also claims is
+reported, not written; the others go on. The report (``conversion.tsv`` in ``out_root``) lists every series with
+its status, each error on one line. A folder without any series of the wanted modality is an error naming the
+modalities it holds.
 """
 
 from __future__ import annotations
 
 import logging
 import string
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from universal.core.tsv import write_tsv
+from universal.core.atomic import DiskFullError
+from universal.core.paths import PathEscapeError, file_name_problem, join_inside, relative_path_problem
+from universal.core.tsv import one_line, write_tsv
 from universal.core.volume import Volume, save_nifti
 from universal.data.layouts import LayoutError, read_dicom_series
 
@@ -62,6 +67,8 @@ def template_fields(template: str) -> list[str]:
                               "e.g. 'img/{PatientID}.nii.gz'")
     if not template.endswith((".nii.gz", ".nii")):
         raise ConversionError(f"image template {template!r} must end in .nii.gz or .nii")
+    if problem := relative_path_problem(template):
+        raise ConversionError(f"image template {template!r} must be a path inside the output folder; it is {problem}")
     return names
 
 
@@ -77,6 +84,9 @@ def find_series(root: Path, fields: list[str]) -> tuple[list[SeriesFolder], list
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "Modality",
                                                                                 *fields])
         except (InvalidDicomError, OSError):
+            continue
+        except Exception:  # a broken DICOM file: reading its series names it
+            log.debug("%s: unreadable DICOM header", path)
             continue
         if "Modality" in ds:  # an image or other DICOM object; an empty SeriesInstanceUID counts as one series
             by_folder[path.parent].setdefault(str(ds.get("SeriesInstanceUID", "") or ""), ds)
@@ -101,16 +111,18 @@ def convert_series(root: str | Path, out_root: str | Path, image_template: str,
         raise ConversionError(f"{root}: no such folder of DICOM series to convert")
     fields = template_fields(image_template)
     series, results = find_series(root, fields)
+    wanted = [item for item in series if item.modality == modality]
+    if not wanted and not results:
+        found = Counter(item.modality or "no Modality" for item in series)
+        held = ", ".join(f"{name}: {count} series" for name, count in sorted(found.items())) or "no DICOM series"
+        raise ConversionError(f"{root}: no {modality} series below it; found {held}. Point --input at the "
+                              f"{modality} download, or convert another modality with --modality")
     claims: dict[Path, list[SeriesFolder]] = defaultdict(list)
-    for item in series:
-        if item.modality != modality:
-            continue
-        missing = [name for name in fields if not item.attributes[name]]
-        if missing:
-            results.append(ConversionResult(item.series_uid, item.folder, None, "failed",
-                                             f"the series has no value for {missing} of {image_template!r}"))
-            continue
-        claims[out_root / image_template.format(**item.attributes)].append(item)
+    for item in wanted:
+        try:
+            claims[output_path(out_root, image_template, item)].append(item)
+        except ConversionError as err:
+            results.append(ConversionResult(item.series_uid, item.folder, None, "failed", str(err)))
     for output, items in sorted(claims.items()):
         if len(items) > 1:
             others = ", ".join(str(i.folder) for i in items)
@@ -123,6 +135,27 @@ def convert_series(root: str | Path, out_root: str | Path, image_template: str,
     return results
 
 
+def output_path(out_root: Path, image_template: str, item: SeriesFolder) -> Path:
+    """Where ``item`` is written: the template filled with the series' header values, inside ``out_root``.
+
+    Raises :class:`ConversionError` for a missing value or one that is not a single file name (a header value of
+    ``../x`` or ``/tmp/x`` could otherwise write anywhere)."""
+    fields = template_fields(image_template)
+    missing = [name for name in fields if not item.attributes[name]]
+    if missing:
+        raise ConversionError(f"the series has no value for {missing} of {image_template!r}")
+    for name in fields:
+        if problem := file_name_problem(item.attributes[name]):
+            raise ConversionError(f"the header's {name} {item.attributes[name]!r} cannot be part of a file name: it "
+                                  f"is {problem}; fix the header, or name the files by other attributes "
+                                  "(e.g. {SeriesInstanceUID})")
+    try:
+        return join_inside(out_root, image_template.format(**item.attributes), f"image template {image_template!r}"
+                           " filled as")
+    except PathEscapeError as err:
+        raise ConversionError(str(err)) from err
+
+
 def status_counts(results: list[ConversionResult]) -> dict[str, int]:
     """How many series were written, already existed and failed."""
     return {status: sum(r.status == status for r in results) for status in ("written", "exists", "failed")}
@@ -133,12 +166,16 @@ def _convert_one(item: SeriesFolder, output: Path) -> ConversionResult:
         return ConversionResult(item.series_uid, item.folder, output, "exists")
     try:
         series = read_dicom_series(item.folder, with_pixels=True)
-    except LayoutError as err:
-        log.error("series %s in %s failed: %s", item.series_uid, item.folder, err)
-        return ConversionResult(item.series_uid, item.folder, output, "failed", str(err))
-    save_nifti(Volume(series.array, series.affine), output)
+        save_nifti(Volume(series.array, series.affine), output)
+    except DiskFullError:
+        raise  # every later series would fail too: stop with the disk named
+    except Exception as err:  # any error of one series is reported and the others go on
+        error = str(err) if isinstance(err, LayoutError) else f"{type(err).__name__}: {err}"
+        log.error("series %s in %s failed: %s", item.series_uid, item.folder, error)
+        return ConversionResult(item.series_uid, item.folder, output, "failed", error)
     return ConversionResult(item.series_uid, item.folder, output, "written")
 
 
 def _write_report(results: list[ConversionResult], path: Path) -> None:
-    write_tsv(path, REPORT_COLUMNS, ([r.series_uid, r.folder, r.output, r.status, r.error] for r in results))
+    write_tsv(path, REPORT_COLUMNS, ([r.series_uid, r.folder, r.output, r.status, one_line(r.error)]
+                                     for r in results))

@@ -16,23 +16,26 @@ Semantics (compatible with the original's label transfer, ``reference/original_m
 
 from __future__ import annotations
 
-import sys
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from universal.core.atomic import atomic_output
+from universal.core.atomic import DiskFullError, atomic_output
 from universal.core.classes import ClassTable
-from universal.core.sides import body_midline_x_mm, split_by_side
-from universal.core.tsv import write_tsv
+from universal.core.sides import BODY_THRESHOLD_HU, body_midline_x_mm, split_by_side
+from universal.core.tsv import one_line, write_tsv
 from universal.core.volume import Volume, VolumeError, resample, same_grid
 from universal.data.catalog import Case, DatasetEntry
 from universal.data.layouts import annotated_classes, read_image, read_raw_label
 from universal.data.store import open_store, write_case
 
 UNMAPPED = 255  # lookup sentinel for raw values outside a dataset's map (class indices stop at 254)
+REPORT_COLUMNS = ("case_id", "status", "error", "warning")
+
+log = logging.getLogger(__name__)
 
 
 class HarmonizeError(ValueError):
@@ -41,11 +44,13 @@ class HarmonizeError(ValueError):
 
 @dataclass
 class HarmonizedCase:
-    """A case on the store grid: image (int16 HU), label (uint8 universal values) and store attributes."""
+    """A case on the store grid: image (int16 HU), label (uint8 universal values), store attributes, and a warning
+    about a suspicious but usable case ("" when none)."""
 
     image: Volume
     label: Volume | None
     attrs: dict
+    warning: str = ""
 
 
 def harmonize_labels(raw: Volume, entry: DatasetEntry, classes: ClassTable, midline_x_mm: float | None,
@@ -107,6 +112,7 @@ def harmonize_case(case: Case, entry: DatasetEntry, classes: ClassTable,
     with ThreadPoolExecutor(max_workers=1) as pool:
         label_job = pool.submit(_read_label, case, entry, name)
         image = _read_image_hu(case, entry, name)
+        warning = blank_image_warning(image.array, name)
         label_raw = label_job.result()
         if label_raw is not None and not same_grid(image, label_raw):
             raise HarmonizeError(f"{name}: image {case.image} (shape {image.shape}) and label {case.label} "
@@ -125,7 +131,21 @@ def harmonize_case(case: Case, entry: DatasetEntry, classes: ClassTable,
                 label = resample(label, target_spacing, order=0)
         if image_job is not None:
             image = image_job.result()
-    return HarmonizedCase(image, label, attrs)
+    return HarmonizedCase(image, label, attrs, warning)
+
+
+def blank_image_warning(array: np.ndarray, name: str) -> str:
+    """A warning naming the case when its CT (HU) holds one value only or no voxel above -500 HU (no body: an
+    empty or wrongly scaled image, or a mask given as the image); "" for an ordinary CT."""
+    if not array.size:
+        return ""
+    low, high = int(array.min()), int(array.max())
+    if low == high:
+        return f"{name}: the CT is blank (every voxel is {low} HU); check the image file"
+    if high <= BODY_THRESHOLD_HU:
+        return (f"{name}: the CT has no voxel above {BODY_THRESHOLD_HU:.0f} HU (range {low}..{high}), so no body; "
+                "check the image file and its rescale slope and intercept")
+    return ""
 
 
 def _read_image_hu(case: Case, entry: DatasetEntry, name: str) -> Volume:
@@ -164,9 +184,11 @@ def harmonize_dataset(cases: list[Case], entry: DatasetEntry, classes: ClassTabl
                       target_spacing: tuple[float, float, float], report_path: str | Path) -> list[str]:
     """Harmonize and resample every case of a dataset into one zarr store, going on past failed cases.
 
-    The store is built under a temporary name and renamed when all cases are done; failed cases are listed
-    with their error in ``report_path`` (TSV: case_id, status, error). Returns the failed case ids; raises
-    :class:`HarmonizeError` when no case succeeds.
+    The store is built under a temporary name and renamed when all cases are done. Any error of one case (an
+    unreadable or inconsistent file, whatever raised it) fails that case only; a full disk stops the dataset.
+    ``report_path`` (TSV: case_id, status, error, warning; one line per case) lists every case, a blank CT with a
+    warning (:func:`blank_image_warning`). Returns the failed case ids; raises :class:`HarmonizeError` when no case
+    succeeds.
     """
     store_path, report_path = Path(store_path), Path(report_path)
     with atomic_output(store_path) as tmp:
@@ -181,21 +203,26 @@ def _harmonize_into(tmp: Path, cases: list[Case], entry: DatasetEntry, classes: 
     root.attrs.update({"dataset": entry.key, "name": entry.name, "licence": entry.licence,
                        "spacing": list(target_spacing), "class_table_digest": classes.digest(),
                        "class_names": classes.names})
-    rows: list[tuple[str, str, str]] = []
+    rows: list[tuple[str, str, str, str]] = []
     for number, case in enumerate(cases, start=1):
+        progress = f"{entry.key} {number}/{len(cases)} {case.case_id}"
         try:
             result = harmonize_case(case, entry, classes, target_spacing)
-        except HarmonizeError as err:
-            rows.append((case.case_id, "failed", str(err)))
-            print(f"[harmonize] {entry.key} {number}/{len(cases)} {case.case_id}: FAILED: {err}",
-                  file=sys.stderr, flush=True)
+            write_case(tmp, case.case_id, result.image, result.label, result.attrs)
+        except DiskFullError:
+            raise  # every later case would fail too: stop with the disk named
+        except Exception as err:  # any error of one case is reported and the others go on
+            error = str(err) if isinstance(err, HarmonizeError) else (
+                f"{entry.key}/{case.case_id}: {type(err).__name__}: {err}")
+            rows.append((case.case_id, "failed", one_line(error), ""))
+            log.error("%s: FAILED: %s", progress, error)
             continue
-        write_case(tmp, case.case_id, result.image, result.label, result.attrs)
-        rows.append((case.case_id, "ok", ""))
-        print(f"[harmonize] {entry.key} {number}/{len(cases)} {case.case_id}: {result.image.shape}",
-              file=sys.stderr, flush=True)
-    write_tsv(report_path, ("case_id", "status", "error"), rows)
-    failed = [case_id for case_id, status, _ in rows if status == "failed"]
+        if result.warning:
+            log.warning("%s", result.warning)
+        rows.append((case.case_id, "ok", "", one_line(result.warning)))
+        log.info("%s: %s", progress, result.image.shape)
+    write_tsv(report_path, REPORT_COLUMNS, rows)
+    failed = [row[0] for row in rows if row[1] == "failed"]
     if len(failed) == len(cases):
         raise HarmonizeError(f"dataset {entry.key!r}: every case failed; see {report_path}")
     return failed

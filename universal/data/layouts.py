@@ -11,9 +11,14 @@ Images may be NIfTI files or folders holding one DICOM series. Everything is ret
 
 DICOM geometry: ImageOrientationPatient gives the row and column directions (LPS), ImagePositionPatient the
 position of each slice; slices are ordered by their position along the slice normal and must be evenly
-spaced (within 1 %). CHAOS stores its masks as one PNG per slice: the i-th PNG (sorted by file name) belongs
-to the i-th DICOM file of the image folder (sorted by file name), PNG rows and columns being the DICOM pixel
-rows and columns; nonzero pixels are inside.
+spaced (within 1 %). Every file of a series folder must be a readable slice, except files named as something
+else (hidden files, DICOMDIR, known non-DICOM suffixes such as .txt or .json) and complete DICOM objects of
+another kind (another SOP class, e.g. a dose report): a broken first or last slice cannot be told from the end
+of the CT by the geometry, so an unreadable file fails the series instead of shortening it.
+
+CHAOS stores its masks as one PNG per slice: the i-th PNG (sorted by file name) belongs to the i-th DICOM file of
+the image folder (sorted by file name), PNG rows and columns being the DICOM pixel rows and columns; nonzero
+pixels are inside.
 """
 
 from __future__ import annotations
@@ -32,6 +37,12 @@ from universal.data.images import read_ct
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SPACING_TOLERANCE = 0.01  # relative deviation of slice gaps accepted in a DICOM series
 PNG_SUFFIX = ".png"
+# Files of a DICOM series folder that are not slices by their name: skipped without being read.
+NOT_DICOM_SUFFIXES = (".txt", ".json", ".xml", ".csv", ".tsv", ".md", ".html", ".htm", ".pdf", ".png", ".jpg",
+                      ".jpeg", ".nii", ".nii.gz", ".zip", ".gz")
+NOT_DICOM_NAMES = ("DICOMDIR",)
+SLICE_TAGS = ("ImagePositionPatient", "ImageOrientationPatient")
+PLANE_TAGS = ("Rows", "Columns", "PixelSpacing")
 
 
 class LayoutError(VolumeError):
@@ -125,30 +136,26 @@ class DicomSeries:
 
 
 def read_dicom_series(folder: Path, with_pixels: bool) -> DicomSeries:
-    """Read the DICOM files of ``folder`` (any file name; non-DICOM files are skipped) as one series."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
+    """Read the DICOM files of ``folder`` (any file name) as one series; see the module docstring for the files
+    that are skipped. Raises :class:`LayoutError` naming the file for an unreadable or incomplete slice."""
     folder = Path(folder)
-    headers = []
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=not with_pixels)
-        except (InvalidDicomError, OSError):
-            continue
-        if "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds:
-            headers.append((path, ds))
-    if not headers:
-        raise LayoutError(f"{folder}: no DICOM images with position and orientation tags")
-    orientation = np.asarray(headers[0][1].ImageOrientationPatient, dtype=np.float64)
+    headers = _slice_headers(folder, with_pixels)
+    first = headers[0][1]
+    orientation = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
     row_dir, col_dir = orientation[:3], orientation[3:]
     normal = np.cross(row_dir, col_dir)
-    plane = (int(headers[0][1].Rows), int(headers[0][1].Columns))
+    if np.linalg.norm(normal) < 0.5:
+        raise LayoutError(f"{headers[0][0]}: ImageOrientationPatient {orientation.tolist()} has parallel or zero row "
+                          "and column directions; the header is corrupt: download the series again")
+    plane = (int(first.Rows), int(first.Columns))
+    spacing = np.asarray(first.PixelSpacing, dtype=np.float64)
     for path, ds in headers:
         if not np.allclose(np.asarray(ds.ImageOrientationPatient, dtype=np.float64), orientation, atol=1e-4):
             raise LayoutError(f"{path}: its orientation differs from the rest of the series in {folder}")
         if (int(ds.Rows), int(ds.Columns)) != plane:
             raise LayoutError(f"{path}: its size differs from the rest of the series in {folder}")
+        if not np.allclose(np.asarray(ds.PixelSpacing, dtype=np.float64), spacing, rtol=SPACING_TOLERANCE):
+            raise LayoutError(f"{path}: its PixelSpacing differs from the rest of the series in {folder}")
     positions = np.array([np.asarray(ds.ImagePositionPatient, dtype=np.float64) for _, ds in headers])
     depth = positions @ normal
     order = np.argsort(depth, kind="stable")
@@ -156,8 +163,8 @@ def read_dicom_series(folder: Path, with_pixels: bool) -> DicomSeries:
     if len(gaps) and (gaps.min() <= 0 or (gaps.max() - gaps.min()) > SPACING_TOLERANCE * gaps.mean()):
         raise LayoutError(f"{folder}: slices are not evenly spaced (gaps {gaps.min():.3f}..{gaps.max():.3f} mm) "
                           "or two slices share a position")
-    dz = float(gaps.mean()) if len(gaps) else float(getattr(headers[0][1], "SliceThickness", 1.0) or 1.0)
-    row_spacing, col_spacing = (float(v) for v in headers[0][1].PixelSpacing)
+    dz = float(gaps.mean()) if len(gaps) else float(getattr(first, "SliceThickness", 1.0) or 1.0)
+    row_spacing, col_spacing = (float(v) for v in spacing)
     lps = np.eye(4)
     lps[:3, 0] = row_dir * col_spacing  # array axis 0 runs along a row (across columns)
     lps[:3, 1] = col_dir * row_spacing  # array axis 1 runs down a column (across rows)
@@ -165,19 +172,66 @@ def read_dicom_series(folder: Path, with_pixels: bool) -> DicomSeries:
     lps[:3, 3] = positions[order[0]]
     slice_of_file = np.empty(len(headers), dtype=np.int64)
     slice_of_file[order] = np.arange(len(headers))
-    array = None
-    if with_pixels:
-        array = np.empty((plane[1], plane[0], len(headers)), dtype=np.float32)
-        for index, (path, ds) in enumerate(headers):
-            try:
-                pixels = ds.pixel_array.astype(np.float32)
-            except Exception as err:  # pydicom raises several types for undecodable pixel data
-                raise LayoutError(f"{path}: cannot decode the pixel data: {err}") from err
-            slope, intercept = float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0))
-            array[:, :, slice_of_file[index]] = (pixels * slope + intercept).T
-        if np.array_equal(array, np.rint(array)) and array.min() >= -32768 and array.max() <= 32767:
-            array = array.astype(np.int16)
+    array = _slice_pixels(headers, slice_of_file, plane) if with_pixels else None
     return DicomSeries(array, LPS_TO_RAS @ lps, [p for p, _ in headers], slice_of_file.tolist(), plane)
+
+
+def _not_dicom_by_name(path: Path) -> bool:
+    """Whether a file of a series folder is something other than a slice by its name (never read)."""
+    name = path.name
+    return name.startswith(".") or name.upper() in NOT_DICOM_NAMES or name.lower().endswith(NOT_DICOM_SUFFIXES)
+
+
+def _slice_headers(folder: Path, with_pixels: bool) -> list[tuple[Path, object]]:
+    """(path, dataset) of every slice of ``folder`` in file-name order; raises naming the files that are neither
+    slices nor named or typed as something else."""
+    import pydicom
+
+    slices, others, unreadable = [], [], []
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not _not_dicom_by_name(p))
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=not with_pixels)
+        except Exception as err:  # pydicom raises many types (InvalidDicomError, EOFError, struct.error, ...)
+            unreadable.append(f"{path.name} ({type(err).__name__}: {err})")
+            continue
+        (slices if all(tag in ds for tag in SLICE_TAGS) else others).append((path, ds))
+    image_classes = {str(ds.get("SOPClassUID", "")) for _, ds in slices}
+    for path, ds in others:
+        sop_class = str(ds.get("SOPClassUID", "") or "")
+        if not sop_class or sop_class in image_classes:  # a slice of the series without its geometry: truncated
+            unreadable.append(f"{path.name} (no ImagePositionPatient or ImageOrientationPatient: truncated?)")
+    if unreadable:
+        shown = "; ".join(unreadable[:3]) + (f"; and {len(unreadable) - 3} more" if len(unreadable) > 3 else "")
+        raise LayoutError(f"{folder}: {len(unreadable)} of its {len(files)} files cannot be read as slices of the "
+                          f"series: {shown}. A missing slice would shorten the CT: download the series again, or "
+                          "move files that do not belong to it out of the folder")
+    if not slices:
+        raise LayoutError(f"{folder}: no DICOM images with position and orientation tags")
+    for path, ds in slices:
+        missing = [tag for tag in PLANE_TAGS if tag not in ds]
+        if missing:
+            raise LayoutError(f"{path}: the slice header has no {', '.join(missing)}; the in-plane size and voxel "
+                              "spacing cannot be known: download the series again or fix the header")
+    return slices
+
+
+def _slice_pixels(headers: list[tuple[Path, object]], slice_of_file: np.ndarray,
+                  plane: tuple[int, int]) -> np.ndarray:
+    """The series' voxels (columns, rows, slices) in HU (rescale tags applied), int16 when they fit exactly."""
+    array = np.empty((plane[1], plane[0], len(headers)), dtype=np.float32)
+    for index, (path, ds) in enumerate(headers):
+        try:
+            pixels = ds.pixel_array.astype(np.float32)
+        except Exception as err:  # pydicom raises several types for undecodable pixel data
+            raise LayoutError(f"{path}: cannot decode the pixel data: {err}") from err
+        if pixels.shape != plane:
+            raise LayoutError(f"{path}: pixel data of shape {pixels.shape}, the header says {plane} (rows, columns)")
+        slope, intercept = float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0))
+        array[:, :, slice_of_file[index]] = (pixels * slope + intercept).T
+    if np.array_equal(array, np.rint(array)) and array.min() >= -32768 and array.max() <= 32767:
+        array = array.astype(np.int16)
+    return array
 
 
 # ---------------------------------------------------------------------------------------------------------

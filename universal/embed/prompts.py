@@ -22,6 +22,7 @@ import torch
 
 from universal.core.atomic import atomic_output
 from universal.core.classes import ClassTable
+from universal.core.torch_files import TorchFileError, load_torch_file
 
 # The original's class order in txt_encoding.pth (utils/utils.py ORGAN_NAME), with its spellings.
 ORIGINAL_CLASS_ORDER = (
@@ -123,10 +124,14 @@ def import_embeddings(path: str | Path, classes: ClassTable, names: list[str] | 
     """
     path = Path(path)
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise EmbedError(f"{path}: cannot load an embedding table: {err}") from err
+        data = load_torch_file(path, "embedding table")
+    except TorchFileError as err:
+        raise EmbedError(str(err)) from err
     if isinstance(data, dict):
+        if "embeddings" not in data or "class_names" not in data:
+            raise EmbedError(f"{path}: a dict without 'embeddings' and 'class_names' (it has "
+                             f"{sorted(map(str, data))}); import a bare (classes x dim) tensor or a file written by "
+                             "universal embed")
         table, row_names, encoder = data["embeddings"], list(data["class_names"]), data.get("encoder", {})
     else:
         table, encoder = data, {"model": "unknown", "pretrained": "unknown", "source": str(path)}

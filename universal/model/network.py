@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from universal.core.atomic import atomic_output
 from universal.core.settings import known_keys
+from universal.core.torch_files import load_torch_file
 
 BACKBONES = ("unet", "swinunetr")
 EMBEDDING_NORMS = ("none", "centered")
@@ -291,7 +292,7 @@ def load_embeddings(path: str | Path, class_names: Sequence[str]) -> Tensor:
     Reads the file written by :mod:`universal.embed.prompts` (``{"embeddings", "class_names", ...}``); raises ValueError
     naming every requested class the file has no row for.
     """
-    record = torch.load(path, map_location="cpu", weights_only=True)
+    record = load_torch_file(path, "embeddings file")
     if not isinstance(record, dict) or "embeddings" not in record or "class_names" not in record:
         raise ValueError(f"{path}: not an embeddings file (expected a dict with 'embeddings' and 'class_names')")
     rows = {name: i for i, name in enumerate(record["class_names"])}
@@ -331,7 +332,7 @@ def load_checkpoint(path: str | Path, expected_class_names: Sequence[str] | None
     Raises ValueError naming the missing and extra classes when ``expected_class_names`` differ from the
     checkpoint's (or the same classes in another order, since each class is one output channel).
     """
-    record = torch.load(path, map_location=map_location, weights_only=True)
+    record = load_torch_file(path, "model checkpoint", map_location)
     if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a universal model checkpoint")
     names = list(record["class_names"])

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from universal.core.classes import ClassTable
+from universal.core.torch_files import load_torch_file
 from universal.data.store import list_cases, open_case
 from universal.infer.settings import preprocessing_record
 from universal.model.network import (
@@ -125,7 +126,7 @@ def init_from_checkpoint(model: UniversalModel, path: str | Path, model_config: 
     checkpoint path, its classes, the novel classes and the model entries not copied. ``verbose``: log
     warnings (a known class whose embedding changed, head tensors left freshly initialised) to stderr.
     """
-    record = torch.load(path, map_location="cpu", weights_only=True)
+    record = load_torch_file(path, "init_checkpoint")
     if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"init_checkpoint {path}: not a universal model checkpoint")
     old_names = list(record["class_names"])

@@ -24,6 +24,7 @@ AMP_MODES = ("auto", "bf16", "off")
 TRAINABLE = ("all", "heads")
 MISSED_CLASSES = ("all", "tumours")  # the classes whose missed positives missed_weight weighs
 EXCLUSION_NEGATIVES = ("none", "all", "tumours")  # which labelled voxels are known negatives of unannotated classes
+BACKBONE_STRIDES = {"unet": 16, "swinunetr": 32}  # how much smaller than the patch each backbone's deepest level is
 
 
 @dataclass
@@ -128,6 +129,7 @@ class TrainConfig:
             raise ValueError("steps, batch_size, checkpoint_every and keep_checkpoints must be >= 1")
         if self.max_nonfinite_steps < 0:
             raise ValueError(f"max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
+        check_patch_size(self.patches.patch_size, self.model.backbone)
 
     def to_dict(self) -> dict:
         """JSON-able dict with nested ``model`` and ``patches`` dicts."""
@@ -166,6 +168,23 @@ def train_config_from_options(options: dict, *, stores: list, weights: list[floa
         model=ModelConfig(**{k: v for k, v in options.items() if k in model_keys}),
         patches=PatchConfig(**{k: v for k, v in options.items() if k in patch_keys}),
         **{k: v for k, v in options.items() if k in train_keys})
+
+
+def check_patch_size(patch_size: tuple[int, int, int], backbone: str) -> None:
+    """Raise ValueError unless the backbone can train on patches of ``patch_size`` (voxels, x y z).
+
+    The deepest level is the patch divided by :data:`BACKBONE_STRIDES` (16 for the U-Net, 32 for SwinUNETR): each
+    axis must reach it with at least one voxel, and all of them with at least two (instance normalisation there
+    needs more than one voxel in training); SwinUNETR also needs every size divisible by 32.
+    """
+    stride = BACKBONE_STRIDES[backbone]
+    deep = [size // stride for size in patch_size]
+    divisible = backbone != "swinunetr" or all(size % stride == 0 for size in patch_size)
+    if min(deep) < 1 or math.prod(deep) < 2 or not divisible:
+        need = "multiples of 32" if backbone == "swinunetr" else "at least 16"
+        raise ValueError(f"patch_size {list(patch_size)} is too small for the {backbone} backbone: its deepest level "
+                         f"is 1/{stride} of the patch and needs at least 2 voxels; use sizes that are {need} with at "
+                         f"least one of {2 * stride} or more, e.g. the default [96, 96, 96]")
 
 
 def lr_at_step(step: int, config: TrainConfig) -> float:

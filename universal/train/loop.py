@@ -19,8 +19,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from universal.core.atomic import disk_full_error
 from universal.core.classes import ClassTable, load_class_table
 from universal.core.tsv import write_tsv
+from universal.data.store import check_class_table
 from universal.train.checkpoints import latest_checkpoint, log_start, prepare_model, save_final, save_resumable
 from universal.train.config import TrainConfig, autocast_dtype, lr_at_step
 from universal.train.cpu_bf16 import check_bf16_training_on_cpu
@@ -31,7 +33,7 @@ from universal.train.distributed import (
     mean_over_ranks,
     setup_distributed,
 )
-from universal.train.logs import VAL_COLUMNS, VAL_LOG_NAME, TrainLog, truncate_log, write_val_rows
+from universal.train.logs import TRAIN_LOG_NAME, VAL_COLUMNS, VAL_LOG_NAME, TrainLog, truncate_log, write_val_rows
 from universal.train.losses import (
     masked_bce_dice_loss,
 )
@@ -137,6 +139,8 @@ def _train(config: TrainConfig, env: DistributedEnv, device: torch.device) -> Pa
     out_dir = Path(config.out_dir)
     amp = autocast_dtype(config, device)
     classes = load_class_table(config.class_table, include=config.include_classes)
+    for store in [*config.stores, *config.val_stores]:
+        check_class_table(store, classes)
     resume = from_rank0(latest_checkpoint(out_dir) if main else None, world_size)
     model, optimizer, extra = prepare_model(config, classes, device, resume, verbose=main)
     if amp is not None and device.type == "cpu":
@@ -183,6 +187,11 @@ def _train(config: TrainConfig, env: DistributedEnv, device: torch.device) -> Pa
                 write_val_rows(val_log, validate(model, config, classes, device, step + 1, trained), step + 1)
             if main and ((step + 1) % config.checkpoint_every == 0 or done):
                 save_resumable(out_dir, step + 1, model, optimizer, config, classes, world_size, init)
+    except OSError as err:  # a log write on a full disk (checkpoints name their own file)
+        if (full := disk_full_error(err, out_dir / TRAIN_LOG_NAME, "the checkpoints written so far are kept and "
+                                    "a rerun resumes from the newest")) is None:
+            raise
+        raise full from err
     finally:
         if log is not None:
             log.close()

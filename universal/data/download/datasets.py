@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+from universal.core.atomic import atomic_output
 from universal.core.paths import relative_path_problem
 from universal.data.catalog import CatalogError, DatasetEntry, find_cases
-from universal.data.download.archives import TAR_SUFFIXES, ZIP_SUFFIXES, safe_extract
+from universal.data.download.archives import (
+    TAR_SUFFIXES,
+    ZIP_SUFFIXES,
+    archive_kind,
+    check_archive_opens,
+    safe_extract,
+)
 from universal.data.download.errors import DownloadError
 from universal.data.download.fetch import fetch
 
@@ -71,9 +79,9 @@ def download_dataset(entry: DatasetEntry, root: Path, *, mirror: str | None = No
     - ``generated``: nothing to do (``universal demo-data`` writes it).
 
     Plain files go straight into ``root``; archives are kept in ``downloads`` (default
-    ``<root's parent>/.downloads/<key>``) and extracted atomically. An archive whose target folder already
-    has content is not fetched again. ``mirror`` (default: ``$UNIVERSAL_MIRROR``) replaces every URL's
-    scheme and host.
+    ``<root's parent>/.downloads/<key>``) and extracted atomically; an archive already extracted (its
+    :func:`extraction_marker`) is not fetched again, and a target folder with other content is an error.
+    ``mirror`` (default: ``$UNIVERSAL_MIRROR``) replaces every URL's scheme and host.
     """
     root = Path(root)
     kind = entry.source.get("kind")
@@ -124,18 +132,40 @@ def _safe_name(entry: DatasetEntry, name: str) -> str:
     return name
 
 
+def extraction_marker(archive: Path) -> Path:
+    """The file that records a completed extraction of ``archive`` (beside it, ``<archive>.extracted``, holding the
+    target folder): an archive is extracted again unless it exists, names the same target and the target has
+    content."""
+    return archive.with_name(archive.name + ".extracted")
+
+
 def _fetch_into(entry: DatasetEntry, url: str, name: str, checks: dict, root: Path, downloads: Path,
                 archive: bool, into: str, options: dict) -> None:
-    """Fetch one file into ``root``, or fetch an archive into ``downloads`` and extract it to ``root/into``."""
+    """Fetch one file into ``root``, or fetch an archive into ``downloads`` and extract it to ``root/into``.
+
+    Whether an archive was extracted is decided by its :func:`extraction_marker`, never by its target having
+    content: a target that holds files but no completed extraction (a stray file, an interrupted run, files put
+    there by hand) is an error that names it, and nothing is changed.
+    """
     if not archive:
         fetch(url, root / name, checks["sha256"], md5=checks["md5"], **options)
         return
-    target = root / into
-    if target.is_dir() and any(target.iterdir()):
-        log.info("dataset %r: %s already has content; not downloading %s again", entry.key, target, name)
+    target, marker = root / into, extraction_marker(downloads / name)
+    has_content = target.exists() and (not target.is_dir() or any(target.iterdir()))
+    if has_content and marker.is_file() and marker.read_text().strip() == str(target):
+        log.info("dataset %r: %s was extracted into %s; not downloading it again", entry.key, name, target)
         return
-    path = fetch(url, downloads / name, checks["sha256"], md5=checks["md5"], **options)
+    if has_content:
+        raise DownloadError(f"dataset {entry.key!r}: {target} already has content, but no extraction of {name} into "
+                            f"it was completed ({marker} is missing): a stray file, an interrupted run or files put "
+                            f"there by hand. Nothing was changed. Move the content of {target} away and rerun; if it "
+                            f"is the complete content of {name}, write the line {target} into {marker} instead")
+    kind = archive_kind(downloads / name)
+    validate = None if kind is None else functools.partial(check_archive_opens, kind=kind)
+    path = fetch(url, downloads / name, checks["sha256"], md5=checks["md5"], validate=validate, **options)
     safe_extract(path, target)
+    with atomic_output(marker) as tmp:
+        tmp.write_text(f"{target}\n")
 
 
 def _download_url(entry: DatasetEntry, root: Path, downloads: Path, mirror: str | None, options: dict) -> None:

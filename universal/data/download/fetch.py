@@ -9,10 +9,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
-from universal.core.atomic import atomic_output
+from universal.core.atomic import atomic_output, disk_full_error
 from universal.core.digests import file_digests
 from universal.data.download.errors import DownloadError
 
@@ -23,6 +24,9 @@ PROGRESS_EVERY_S = 5.0
 MAX_BACKOFF_S = 120.0
 # Statuses worth trying again: the server is busy or broken for now, not refusing us for good.
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+HTML_SUFFIXES = (".html", ".htm")
+HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<body")
+SNIFF_BYTES = 1024
 
 
 class _Retry(Exception):
@@ -46,6 +50,23 @@ def _write_record(dest: Path, digest: str) -> None:
     record = checksum_record(dest)
     with atomic_output(record) as tmp:
         tmp.write_text(f"{digest}  {dest.name}\n")  # the format of sha256sum, so `sha256sum -c` can check it too
+
+
+def html_page_title(path: Path) -> str | None:
+    """The title (or "" without one) of ``path`` when its first bytes are an HTML page, else None."""
+    with Path(path).open("rb") as handle:
+        head = handle.read(SNIFF_BYTES)
+    start = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if not start.startswith(HTML_STARTS):
+        return None
+    match = re.search(rb"<title[^>]*>([^<]*)", head, flags=re.IGNORECASE)
+    return match[1].decode("utf-8", "replace").strip() if match else ""
+
+
+def _refuse_html(url: str, dest: Path, title: str) -> DownloadError:
+    return DownloadError(f"{url}: the server returned an HTML page (title {title!r}) instead of {dest.name}: a login, "
+                         "consent or error page? Nothing was kept and no checksum was recorded. Check the URL and your "
+                         f"access; for a login-gated file, download it in a browser and put it at {dest}")
 
 
 def _mismatches(digests: dict[str, str], expected: dict[str, str]) -> list[str]:
@@ -146,7 +167,8 @@ def _download(url: str, partial: Path, *, retries: int, backoff_s: float, timeou
 
 
 def fetch(url: str, dest: Path, sha256: str | None, *, md5: str | None = None, retries: int = 5,
-          backoff_s: float = 1.0, timeout_s: float = 60, chunk: int = 1 << 20) -> Path:
+          backoff_s: float = 1.0, timeout_s: float = 60, chunk: int = 1 << 20,
+          validate: Callable[[Path], None] | None = None) -> Path:
     """Download ``url`` to ``dest`` (resumable, retried, verified) and return ``dest``.
 
     The bytes go to ``<dest>.partial``, which a later call resumes with a ``Range`` request (a server that
@@ -160,6 +182,12 @@ def fetch(url: str, dest: Path, sha256: str | None, *, md5: str | None = None, r
     a WARNING when no checksum at all was known: put the logged digest into the catalog). An existing
     ``dest`` that matches the known checksums is kept without any network access; one that does not match is
     downloaded again.
+
+    A download that is an HTML page (unless ``dest`` is named .html) is a login, consent or error page served
+    instead of the file: it is deleted and :class:`DownloadError` says so, before any checksum is recorded; an
+    existing ``dest`` that is such a page (recorded by an earlier version) is downloaded again. ``validate``, when
+    given, checks the completed download (e.g. that an archive opens) and raises :class:`DownloadError` to refuse
+    it, again before anything is kept or recorded.
     """
     dest = Path(dest)
     expected = {name: value.strip().lower() for name, value in (("sha256", sha256), ("md5", md5)) if value}
@@ -167,6 +195,13 @@ def fetch(url: str, dest: Path, sha256: str | None, *, md5: str | None = None, r
     if recorded:
         expected["sha256"] = recorded
     algorithms = tuple(dict.fromkeys(("sha256", *expected)))
+    if dest.is_file() and not dest.name.lower().endswith(HTML_SUFFIXES) and html_page_title(dest) is not None:
+        log.warning("%s is an HTML page, not the file; downloading it again", dest)
+        dest.unlink()
+        if recorded:  # the page's checksum, recorded by an earlier version: forget it
+            checksum_record(dest).unlink()
+            expected.pop("sha256")
+            recorded = None
     if dest.is_file():
         digests = file_digests(dest, algorithms)
         problems = _mismatches(digests, expected)
@@ -180,13 +215,28 @@ def fetch(url: str, dest: Path, sha256: str | None, *, md5: str | None = None, r
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".partial")
     started = time.monotonic()
-    _download(url, partial, retries=retries, backoff_s=backoff_s, timeout_s=timeout_s, chunk=chunk)
+    try:
+        _download(url, partial, retries=retries, backoff_s=backoff_s, timeout_s=timeout_s, chunk=chunk)
+    except OSError as err:
+        if (full := disk_full_error(err, partial, "what was downloaded is kept, so the next run resumes")) is None:
+            raise
+        raise full from err
+    if not dest.name.lower().endswith(HTML_SUFFIXES) and (title := html_page_title(partial)) is not None:
+        partial.unlink()
+        raise _refuse_html(url, dest, title)
     digests = file_digests(partial, algorithms)
     problems = _mismatches(digests, expected)
     if problems:
         partial.unlink()
         source = f" (recorded in {checksum_record(dest)})" if recorded else ""
         raise DownloadError(f"{url}: checksum mismatch: {'; '.join(problems)}{source}; the download was deleted")
+    if validate is not None:
+        try:
+            validate(partial)
+        except DownloadError as err:
+            partial.unlink()
+            raise DownloadError(f"{url}: {err}; nothing was kept and no checksum was recorded. Check the URL and "
+                                "your access, then rerun") from err
     size = partial.stat().st_size
     partial.replace(dest)
     seconds = max(time.monotonic() - started, 1e-9)
