@@ -84,7 +84,7 @@ def prepare_model(config: TrainConfig, classes: ClassTable, device: torch.device
                                                       verbose)}
     else:
         model, meta = load_checkpoint(resume, expected_class_names=classes.names)
-        if meta["model_config"] != config.model.to_dict():
+        if ModelConfig.from_dict(meta["model_config"]) != config.model:  # fields added since default alike
             raise ValueError(f"{resume} was trained with model config {meta['model_config']}, not "
                              f"{config.model.to_dict()}: use another out_dir")
         extra = meta["extra"]
