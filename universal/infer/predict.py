@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -25,14 +25,18 @@ from universal.data.catalog import Case
 from universal.infer.ome import write_prediction
 from universal.infer.postprocess import postprocess_masks
 from universal.infer.source_grid import label_map_on_source_grid
-from universal.model.network import load_checkpoint
+from universal.model.network import ModelConfig, load_checkpoint
+from universal.model.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class InferenceSettings:
-    """How to run the model: grid spacing (mm, x y z), window (HU), sliding-window ROI (voxels) and overlap."""
+    """How to run the model: grid spacing (mm, x y z), window (HU), sliding-window ROI (voxels) and overlap.
+
+    A checkpoint that records its preprocessing replaces spacing, window and ROI (:func:`settings_from_checkpoint`).
+    """
 
     spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
     window_hu: tuple[float, float] = DEFAULT_WINDOW_HU
@@ -42,6 +46,33 @@ class InferenceSettings:
     threshold: float = 0.5
     device: str = "cpu"
     export_nifti: bool = False
+
+
+def settings_from_checkpoint(checkpoint: str | Path, meta: dict, base: InferenceSettings) -> InferenceSettings:
+    """``base`` with the grid spacing, window and ROI of the checkpoint when it records its ``preprocessing``
+    (``meta`` as :func:`load_checkpoint` returns it): the weights fit that input alone, whatever was asked for
+    (a difference is logged). Checkpoints without preprocessing keep ``base``.
+    """
+    if "preprocessing" not in meta:
+        return base
+    own = Preprocessing.from_dict(meta["preprocessing"], checkpoint)
+    chosen = replace(base, spacing=own.spacing_mm, window_hu=own.window_hu, roi=own.roi)
+    asked = (tuple(base.spacing), tuple(base.window_hu), tuple(base.roi))
+    if asked != (chosen.spacing, chosen.window_hu, chosen.roi):
+        log.warning("%s carries its preprocessing: spacing %s mm, window %s HU, ROI %s instead of the requested "
+                    "%s mm, %s HU, %s", checkpoint, chosen.spacing, chosen.window_hu, chosen.roi, *asked)
+    return chosen
+
+
+def windows_per_pass(checkpoint: str | Path, meta: dict, settings: InferenceSettings) -> InferenceSettings:
+    """``settings`` with one sliding window per forward pass when the checkpoint's model normalises with batch
+    statistics (the original U-Net): its logits for a window depend on the other windows of the pass, and it was
+    trained and evaluated on one window at a time."""
+    if not ModelConfig.from_dict(meta["model_config"]).batch_dependent or settings.sw_batch_size == 1:
+        return settings
+    log.warning("%s normalises with batch statistics: one sliding window per forward pass instead of %d",
+                checkpoint, settings.sw_batch_size)
+    return replace(settings, sw_batch_size=1)
 
 
 @dataclass
@@ -127,6 +158,7 @@ def infer_cases(cases: list[Case], checkpoint: str | Path, classes: ClassTable, 
     out_dir.mkdir(parents=True, exist_ok=True)
     model, meta = load_checkpoint(checkpoint, expected_class_names=classes.names, map_location=settings.device)
     model.eval()
+    settings = windows_per_pass(checkpoint, meta, settings_from_checkpoint(checkpoint, meta, settings))
     predicted = list(meta.get("extra", {}).get("trained_classes", classes.names))
     untrained = [n for n in classes.names if n not in predicted]
     if untrained:

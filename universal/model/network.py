@@ -35,6 +35,7 @@ from universal.core.atomic import atomic_output
 from universal.core.settings import known_keys
 from universal.model.original_swin import OriginalPatchMerging
 from universal.model.original_unet import ModelsGenesisUNet3D
+from universal.model.preprocessing import Preprocessing
 
 BACKBONES = ("unet", "swinunetr")
 # "monai": our backbones of MONAI blocks (the defaults for training from scratch); "original": the original's
@@ -337,11 +338,13 @@ def load_embeddings(path: str | Path, class_names: Sequence[str]) -> Tensor:
 
 
 def save_checkpoint(path: str | Path, model: UniversalModel, model_config: ModelConfig, class_names: Sequence[str],
-                    extra: dict | None = None) -> None:
+                    extra: dict | None = None, preprocessing: dict | None = None) -> None:
     """Write a checkpoint atomically (temporary name, then rename).
 
     Layout: ``{"format", "version", "model": state_dict, "model_config": dict, "class_names": list,
-    "extra": dict}``; ``extra`` must hold only tensors and plain Python values so that the file loads with
+    "extra": dict}``, plus ``"preprocessing"`` when given: the input the model must be run on (a record of
+    :class:`~universal.model.preprocessing.Preprocessing`, checked here), which inference then takes from the
+    checkpoint. ``extra`` must hold only tensors and plain Python values so that the file loads with
     ``torch.load(weights_only=True)``.
     """
     path = Path(path)
@@ -350,6 +353,8 @@ def save_checkpoint(path: str | Path, model: UniversalModel, model_config: Model
     record = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
               "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
               "model_config": model_config.to_dict(), "class_names": list(class_names), "extra": extra or {}}
+    if preprocessing is not None:
+        record["preprocessing"] = Preprocessing.from_dict(preprocessing, path).to_dict()
     with atomic_output(path) as tmp:
         torch.save(record, tmp)
 
@@ -357,7 +362,7 @@ def save_checkpoint(path: str | Path, model: UniversalModel, model_config: Model
 def load_checkpoint(path: str | Path, expected_class_names: Sequence[str] | None = None,
                     map_location: str | torch.device = "cpu") -> tuple[UniversalModel, dict]:
     """Rebuild the model of a checkpoint; returns (model, metadata) where metadata is the checkpoint without
-    ``"model"`` (format, version, model_config, class_names, extra).
+    ``"model"`` (format, version, model_config, class_names, extra, and preprocessing when the checkpoint has it).
 
     Raises ValueError naming the missing and extra classes when ``expected_class_names`` differ from the
     checkpoint's (or the same classes in another order, since each class is one output channel).
