@@ -107,9 +107,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
 def cmd_import_checkpoint(args: argparse.Namespace) -> None:
     from universal.model.import_original import import_original_checkpoint
 
-    imported = import_original_checkpoint(args.source, args.out, _classes(args), args.embeddings)
-    logging.info("import-checkpoint: %s (original %s, %s layout, %d classes) -> %s", args.source, imported.backbone,
-                 imported.layout, len(imported.class_names), args.out)
+    import_original_checkpoint(args.source, args.out, _classes(args), args.embeddings)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
