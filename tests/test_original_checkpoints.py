@@ -309,6 +309,7 @@ def test_inference_takes_the_checkpoints_preprocessing(caplog) -> None:
                                   sw_batch_size=4)
     ours = {"model_config": ModelConfig().to_dict()}
     assert windows_per_pass("ours.pt", ours, settings_from_checkpoint("ours.pt", ours, requested)) == requested
+    assert settings_from_checkpoint("ours.pt", {**ours, "preprocessing": {}}, requested) == requested
     original = {"model_config": ModelConfig(backbone="unet", backbone_variant="original").to_dict(),
                 "preprocessing": ORIGINAL_PREPROCESSING.to_dict()}
     with caplog.at_level(logging.WARNING):

@@ -51,9 +51,9 @@ class InferenceSettings:
 def settings_from_checkpoint(checkpoint: str | Path, meta: dict, base: InferenceSettings) -> InferenceSettings:
     """``base`` with the grid spacing, window and ROI of the checkpoint when it records its ``preprocessing``
     (``meta`` as :func:`load_checkpoint` returns it): the weights fit that input alone, whatever was asked for
-    (a difference is logged). Checkpoints without preprocessing keep ``base``.
+    (a difference is logged). Checkpoints without preprocessing (or with an empty record) keep ``base``.
     """
-    if "preprocessing" not in meta:
+    if not meta.get("preprocessing"):
         return base
     own = Preprocessing.from_dict(meta["preprocessing"], checkpoint)
     chosen = replace(base, spacing=own.spacing_mm, window_hu=own.window_hu, roi=own.roi)
