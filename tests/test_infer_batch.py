@@ -16,11 +16,12 @@ from universal.core.classes import load_class_table
 from universal.core.volume import Volume, save_nifti
 from universal.data.catalog import Case, write_manifest
 from universal.infer.batch import infer_cases, load_run
-from universal.infer.settings import InferenceSettings, preprocessing_record, settings_from_checkpoint
+from universal.infer.settings import InferenceSettings, settings_from_checkpoint
 from universal.model.network import ModelConfig, build_model, save_checkpoint
+from universal.model.preprocessing import Preprocessing
 
 TINY_UNET = ModelConfig(backbone="unet", features=(8, 8, 16, 16, 32, 8))
-PREPROCESSING = preprocessing_record((4.0, 4.0, 4.0), (-175.0, 250.0), (32, 32, 32))
+PREPROCESSING = Preprocessing((4.0, 4.0, 4.0), (-175.0, 250.0), (32, 32, 32)).to_dict()
 
 
 @pytest.fixture(scope="module")

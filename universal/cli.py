@@ -113,6 +113,12 @@ def cmd_embed(args: argparse.Namespace) -> None:
              args.out)
 
 
+def cmd_import_checkpoint(args: argparse.Namespace) -> None:
+    from universal.model.import_original import import_original_checkpoint
+
+    import_original_checkpoint(args.source, args.out, _classes(args), args.embeddings)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from universal.train.config import train_config_from_options
     from universal.train.loop import train
@@ -244,6 +250,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-file", type=Path, default=None, help="import a precomputed table (e.g. txt_encoding.pth)")
     p.add_argument("--names", type=Path, default=None, help="row names of a bare tensor, one per line")
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser(
+        "import-checkpoint", help="convert a checkpoint of the original CLIP-Driven Universal Model into ours",
+        description="Convert a released checkpoint of the original (clip_driven_universal_swin_unetr.pth or "
+                    "clip_driven_universal_unet.pth, or one of its training script) into a checkpoint of ours that "
+                    "computes the same logits and carries the original's preprocessing (1.5 mm RAS grid, window "
+                    "-175..250 HU, 96^3 windows). The file is read with torch.load(weights_only=True) only.")
+    _add_tables(p)
+    p.add_argument("--source", type=Path, required=True, help="the original's checkpoint (.pth)")
+    p.add_argument("--out", type=Path, required=True, help="our checkpoint to write (.pt)")
+    p.add_argument("--embeddings", type=Path, default=None,
+                   help="replace the checkpoint's class embeddings by name, e.g. with the original's txt_encoding.pth")
+    p.set_defaults(func=cmd_import_checkpoint)
 
     p = sub.add_parser(
         "train", help="train (or fine-tune) the universal model on zarr stores; multi-GPU with torchrun",

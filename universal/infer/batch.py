@@ -38,7 +38,7 @@ from universal.data.catalog import Case
 from universal.data.images import is_nifti, read_ct
 from universal.infer.ome import prediction_attrs, write_prediction
 from universal.infer.predict import predict_volume
-from universal.infer.settings import InferenceSettings, settings_from_checkpoint
+from universal.infer.settings import InferenceSettings, settings_from_checkpoint, windows_per_pass
 from universal.model.network import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ def load_run(checkpoint: str | Path, classes: ClassTable, base: InferenceSetting
         log.warning("no training case annotated %s: their heads never learned, so they are not predicted",
                     untrained)
     settings = settings_from_checkpoint(checkpoint, meta, base, spacing=spacing, window_hu=window_hu, roi=roi)
+    settings = windows_per_pass(checkpoint, meta, settings)
     return BatchRun(checkpoint, model, predicted, settings, run_key(checkpoint_sha256(checkpoint), classes, settings))
 
 

@@ -1,9 +1,10 @@
 """How inference feeds a model: the preprocessing a checkpoint carries, and the user's explicit overrides.
 
-A checkpoint records the grid it was trained on (``preprocessing``: spacing in mm, x y z; the intensity window
-in HU; the sliding-window ROI in voxels, x y z; the orientation of the arrays, RAS+), as nnU-Net's plans file
-does, so a model runs as it was trained whatever the workflow config says. A value the user gives explicitly
-overrides the checkpoint's, with a warning naming both.
+A checkpoint records the grid it was trained on (``preprocessing``,
+:class:`universal.model.preprocessing.Preprocessing`: spacing in mm, x y z; the intensity window in HU; the
+sliding-window ROI in voxels, x y z; the orientation of the arrays, RAS+), as nnU-Net's plans file does, so a
+model runs as it was trained whatever the workflow config says. A value the user gives explicitly overrides the
+checkpoint's, with a warning naming both.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from universal.core.intensity import DEFAULT_WINDOW_HU
+from universal.model.network import ModelConfig
+from universal.model.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
-ORIENTATION = "RAS"  # the axis order of every array the model sees: x toward the patient's right, y anterior, z up
 PREPROCESSING_KEYS = ("spacing_mm", "window_hu", "roi")
 
 
@@ -35,13 +37,6 @@ class InferenceSettings:
     export_nifti: bool = False
 
 
-def preprocessing_record(spacing_mm: tuple[float, ...], window_hu: tuple[float, float],
-                         roi: tuple[int, ...]) -> dict:
-    """The ``preprocessing`` entry of a checkpoint (plain lists, so it loads with ``weights_only=True``)."""
-    return {"spacing_mm": [float(v) for v in spacing_mm], "window_hu": [float(v) for v in window_hu],
-            "roi": [int(v) for v in roi], "orientation": ORIENTATION}
-
-
 def settings_from_checkpoint(checkpoint: str | Path, meta: dict, base: InferenceSettings, *,
                              spacing: tuple[float, float, float] | None = None,
                              window_hu: tuple[float, float] | None = None,
@@ -52,7 +47,8 @@ def settings_from_checkpoint(checkpoint: str | Path, meta: dict, base: Inference
     Raises ValueError naming the checkpoint when it records no preprocessing and the caller does not give all
     three values.
     """
-    recorded = meta.get("preprocessing") or {}
+    recorded = Preprocessing.from_dict(meta["preprocessing"], checkpoint).to_dict() if meta.get("preprocessing") \
+        else {}
     given = {"spacing_mm": spacing, "window_hu": window_hu, "roi": roi}
     chosen = {}
     for key in PREPROCESSING_KEYS:
@@ -67,3 +63,14 @@ def settings_from_checkpoint(checkpoint: str | Path, meta: dict, base: Inference
         chosen[key] = value
     return replace(base, spacing=tuple(float(v) for v in chosen["spacing_mm"]),
                    window_hu=tuple(float(v) for v in chosen["window_hu"]), roi=tuple(int(v) for v in chosen["roi"]))
+
+
+def windows_per_pass(checkpoint: str | Path, meta: dict, settings: InferenceSettings) -> InferenceSettings:
+    """``settings`` with one sliding window per forward pass when the checkpoint's model normalises with batch
+    statistics (the original U-Net): its logits for a window depend on the other windows of the pass, and it was
+    trained and evaluated on one window at a time."""
+    if not ModelConfig.from_dict(meta["model_config"]).batch_dependent or settings.sw_batch_size == 1:
+        return settings
+    log.warning("%s normalises with batch statistics: one sliding window per forward pass instead of %d",
+                checkpoint, settings.sw_batch_size)
+    return replace(settings, sw_batch_size=1)

@@ -10,6 +10,10 @@ For every class k and batch element b the controller turns ``[GAP(deep)_b, ReLU(
 applied to the 8-channel full-resolution feature. Here all (b, k) heads run as three batched matrix products instead
 of the original's per-sample loop with 256-channel repeated tensors.
 
+Backbones: ours of MONAI blocks (``backbone_variant: monai``, the default) or the original's own layers
+(``original``: :mod:`universal.model.original_unet`, :mod:`universal.model.original_swin`), which its released
+weights need (:mod:`universal.model.import_original`).
+
 Tensors are (B, C, X, Y, Z) with spatial axes in RAS voxel order. Outputs are logits: one independent sigmoid per
 class (organ channels overlap their tumours), never a softmax.
 """
@@ -30,8 +34,15 @@ from torch import Tensor, nn
 from universal.core.atomic import atomic_output
 from universal.core.settings import known_keys
 from universal.core.torch_files import load_torch_file
+from universal.model.original_swin import OriginalPatchMerging
+from universal.model.original_unet import ModelsGenesisUNet3D
+from universal.model.preprocessing import Preprocessing
 
 BACKBONES = ("unet", "swinunetr")
+# "monai": our backbones of MONAI blocks (the defaults for training from scratch); "original": the original's
+# layers, which its released weights need (universal.model.original_unet, universal.model.original_swin).
+BACKBONE_VARIANTS = ("monai", "original")
+NORM_STATISTICS = ("batch", "running")
 EMBEDDING_NORMS = ("none", "centered")
 HEAD_CHANNELS = 8
 TASK_CHANNELS = 256
@@ -52,6 +63,13 @@ class ModelConfig:
     ``backbone``: ``"unet"`` (MONAI BasicUNet blocks, ``features`` = 6 channel counts: 5 encoder levels and the
     full-resolution decoder output; input sizes divisible by 16) or ``"swinunetr"`` (MONAI SwinUNETR,
     ``feature_size`` a multiple of 12, 48 in the original; input sizes divisible by 32).
+    ``backbone_variant``: ``"monai"`` (the above; the default for training from scratch) or ``"original"``, the
+    original's layers, which its released weights need (``universal import-checkpoint`` sets it): for ``"unet"``
+    the Models Genesis 3D U-Net (fixed widths 64 at full resolution and 512 at 1/8; ``features`` and ``norm`` do
+    not apply; input sizes divisible by 8), for ``"swinunetr"`` MONAI's SwinUNETR with the original's patch-merging
+    order. ``norm_statistics`` (original U-Net only): ``"batch"`` normalises with the statistics of the batch at
+    hand also in eval, as the original's ``ContBatchNorm3d`` (its weights compute its function only so, and a
+    window's logits then depend on the other windows of its forward pass); ``"running"`` is standard batch norm.
     ``norm``: ``"instance"`` or ``"group"`` for the U-Net blocks. ``window_size``: Swin attention window (7 in the
     original). ``gradient_checkpointing``: Swin activation checkpointing (less memory, more compute).
     ``embedding_dim``: width D of the class text embeddings (512 for CLIP ViT-B/32).
@@ -81,11 +99,17 @@ class ModelConfig:
     head_chunk_classes: int = 8
     embedding_norm: str = "centered"
     head_negative_slope: float = 0.0
+    backbone_variant: str = "monai"
+    norm_statistics: str = "batch"
 
     def __post_init__(self) -> None:
         self.features = tuple(int(f) for f in self.features)
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {BACKBONES}")
+        if self.backbone_variant not in BACKBONE_VARIANTS:
+            raise ValueError(f"backbone_variant must be one of {BACKBONE_VARIANTS}, got {self.backbone_variant!r}")
+        if self.norm_statistics not in NORM_STATISTICS:
+            raise ValueError(f"norm_statistics must be one of {NORM_STATISTICS}, got {self.norm_statistics!r}")
         if len(self.features) != 6:
             raise ValueError(f"features needs 6 channel counts, got {self.features}")
         if self.norm not in ("instance", "group"):
@@ -96,6 +120,12 @@ class ModelConfig:
             raise ValueError(f"head_negative_slope must be in [0, 1), got {self.head_negative_slope}")
         if self.feature_size % 12:
             raise ValueError(f"SwinUNETR feature_size must be a multiple of 12, got {self.feature_size}")
+
+    @property
+    def batch_dependent(self) -> bool:
+        """Whether a sample's logits depend on the other samples of its batch (the original U-Net's batch norm):
+        such a model must see one sliding window per forward pass, as in its training and evaluation."""
+        return self.backbone == "unet" and self.backbone_variant == "original" and self.norm_statistics == "batch"
 
     def to_dict(self) -> dict:
         """JSON-able dict (tuples become lists)."""
@@ -157,12 +187,15 @@ class SwinUNETRBackbone(SwinUNETR):
     """MONAI SwinUNETR without its ``out`` block, returning (encoder10 output, decoder1 output).
 
     Its state-dict keys equal the original's ``backbone.*`` keys for feature_size 48 (checked against
-    ``original_state_dict_swinunetr.tsv``).
+    ``original_state_dict_swinunetr.tsv``). ``original_merging``: merge patches in the original's order
+    (:class:`~universal.model.original_swin.OriginalPatchMerging`) instead of MONAI's.
     """
 
-    def __init__(self, in_channels: int, feature_size: int, window_size: int, gradient_checkpointing: bool) -> None:
+    def __init__(self, in_channels: int, feature_size: int, window_size: int, gradient_checkpointing: bool,
+                 original_merging: bool = False) -> None:
         super().__init__(in_channels=in_channels, out_channels=1, feature_size=feature_size,
-                         window_size=window_size, use_checkpoint=gradient_checkpointing)
+                         window_size=window_size, use_checkpoint=gradient_checkpointing,
+                         downsample=OriginalPatchMerging if original_merging else "merging")
         del self.out
         self.deep_channels = 16 * feature_size
         self.full_channels = feature_size
@@ -277,11 +310,14 @@ def build_model(config: ModelConfig, embeddings: Tensor) -> UniversalModel:
     if embeddings.ndim != 2 or embeddings.shape[1] != config.embedding_dim:
         raise ValueError(f"embeddings of shape {tuple(embeddings.shape)} do not match embedding_dim "
                          f"{config.embedding_dim}")
-    if config.backbone == "unet":
-        backbone: nn.Module = UNetBackbone(config.in_channels, config.features, config.norm)
+    original = config.backbone_variant == "original"
+    if config.backbone == "unet" and original:
+        backbone: nn.Module = ModelsGenesisUNet3D(config.in_channels, config.norm_statistics == "batch")
+    elif config.backbone == "unet":
+        backbone = UNetBackbone(config.in_channels, config.features, config.norm)
     else:
         backbone = SwinUNETRBackbone(config.in_channels, config.feature_size, config.window_size,
-                                     config.gradient_checkpointing)
+                                     config.gradient_checkpointing, original_merging=original)
     return UniversalModel(backbone, backbone.deep_channels, backbone.full_channels, embeddings,
                           config.head_chunk_classes, config.embedding_norm, config.head_negative_slope)
 
@@ -308,18 +344,19 @@ def save_checkpoint(path: str | Path, model: UniversalModel, model_config: Model
     """Write a checkpoint atomically (temporary name, then rename).
 
     Layout: ``{"format", "version", "model": state_dict, "model_config": dict, "class_names": list,
-    "preprocessing": dict, "extra": dict}``; ``extra`` must hold only tensors and plain Python values so that the
-    file loads with ``torch.load(weights_only=True)``. ``preprocessing`` is what inference needs to feed the model
-    as it was trained (:func:`universal.infer.settings.preprocessing_record`): grid spacing, intensity window and
-    sliding-window ROI.
+    "extra": dict}``, plus ``"preprocessing"`` when given: the input the model must be run on (a record of
+    :class:`~universal.model.preprocessing.Preprocessing`, checked here), which inference then takes from the
+    checkpoint. ``extra`` must hold only tensors and plain Python values so that the file loads with
+    ``torch.load(weights_only=True)``.
     """
     path = Path(path)
     if len(class_names) != model.num_classes:
         raise ValueError(f"{len(class_names)} class names for a model with {model.num_classes} classes")
     record = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
               "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-              "model_config": model_config.to_dict(), "class_names": list(class_names),
-              "preprocessing": dict(preprocessing or {}), "extra": extra or {}}
+              "model_config": model_config.to_dict(), "class_names": list(class_names), "extra": extra or {}}
+    if preprocessing is not None:
+        record["preprocessing"] = Preprocessing.from_dict(preprocessing, path).to_dict()
     with atomic_output(path) as tmp:
         torch.save(record, tmp)
 
@@ -327,7 +364,7 @@ def save_checkpoint(path: str | Path, model: UniversalModel, model_config: Model
 def load_checkpoint(path: str | Path, expected_class_names: Sequence[str] | None = None,
                     map_location: str | torch.device = "cpu") -> tuple[UniversalModel, dict]:
     """Rebuild the model of a checkpoint; returns (model, metadata) where metadata is the checkpoint without
-    ``"model"`` (format, version, model_config, class_names, extra).
+    ``"model"`` (format, version, model_config, class_names, extra, and preprocessing when the checkpoint has it).
 
     Raises ValueError naming the missing and extra classes when ``expected_class_names`` differ from the
     checkpoint's (or the same classes in another order, since each class is one output channel).

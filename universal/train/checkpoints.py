@@ -22,7 +22,6 @@ import torch
 from universal.core.classes import ClassTable
 from universal.core.torch_files import load_torch_file
 from universal.data.store import list_cases, open_case
-from universal.infer.settings import preprocessing_record
 from universal.model.network import (
     CHECKPOINT_FORMAT,
     HEAD_GENERATOR,
@@ -35,6 +34,7 @@ from universal.model.network import (
     load_embeddings,
     save_checkpoint,
 )
+from universal.model.preprocessing import Preprocessing
 from universal.train.config import TrainConfig
 
 log = logging.getLogger("universal.train")
@@ -87,7 +87,7 @@ def prepare_model(config: TrainConfig, classes: ClassTable, device: torch.device
                                                       verbose)}
     else:
         model, meta = load_checkpoint(resume, expected_class_names=classes.names)
-        if meta["model_config"] != config.model.to_dict():
+        if ModelConfig.from_dict(meta["model_config"]) != config.model:  # fields added since default alike
             raise ValueError(f"{resume} was trained with model config {meta['model_config']}, not "
                              f"{config.model.to_dict()}: use another out_dir")
         extra = meta["extra"]
@@ -212,4 +212,5 @@ def training_preprocessing(config: TrainConfig) -> dict:
         spacings[store] = tuple(round(float(v), 4) for v in open_case(store, first).attrs["spacing"])
     if len(set(spacings.values())) > 1:
         raise ValueError(f"the training stores are on different grids: {spacings}; harmonize them with one spacing")
-    return preprocessing_record(next(iter(spacings.values())), config.patches.window_hu, config.patches.patch_size)
+    spacing = next(iter(spacings.values()))
+    return Preprocessing(spacing, config.patches.window_hu, config.patches.patch_size).to_dict()
