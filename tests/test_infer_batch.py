@@ -110,3 +110,14 @@ def test_preprocessing_comes_from_the_checkpoint_and_an_override_is_named(checkp
     assert "spacing_mm [1.5, 1.5, 1.5] overrides" in caplog.text and "[4.0, 4.0, 4.0]" in caplog.text
     with pytest.raises(ValueError, match="does not record its preprocessing"):
         settings_from_checkpoint(checkpoint, {}, InferenceSettings(), spacing=(1.5, 1.5, 1.5))
+
+
+def test_a_class_threshold_in_the_class_table_overrides_the_settings(tmp_path) -> None:
+    from universal.infer.predict import class_thresholds
+
+    table = tmp_path / "classes.yaml"
+    table.write_text("classes:\n"
+                     "  - {index: 1, name: Spleen, kind: organ, colour: [1, 2, 3], postprocess: none, threshold: 0.3}\n"
+                     "  - {index: 2, name: Liver, kind: organ, colour: [1, 2, 3], postprocess: none}\n")
+    classes = load_class_table(table)
+    assert class_thresholds(classes, [1, 0], InferenceSettings(threshold=0.6)).tolist() == pytest.approx([0.6, 0.3])

@@ -39,7 +39,7 @@ def test_boxes_give_what_whole_volumes_give(source_spacing) -> None:
     masks, probabilities = _blobs(seed=int(source_spacing[0] * 10))
     source_shape = resampled_shape(masks.shape[1:], GRID_SPACING, source_spacing)
     out = label_map_on_source_grid(masks, probabilities, [0, 1, 2], [7, 3, 9], GRID_SPACING, source_shape,
-                                   source_spacing, 0.5)
+                                   source_spacing, [0.5] * 3)
     expected = _whole_grid_reference(masks, probabilities, [7, 3, 9], source_shape, source_spacing, 0.5)
     assert out.dtype == np.uint8 and out.shape == source_shape
     assert set(np.unique(out)) == {0, 3, 7, 9}
@@ -51,7 +51,7 @@ def test_boundary_falls_where_the_interpolated_probability_crosses_the_threshold
     probabilities = np.clip(0.5 + 0.2 * (np.arange(8, dtype=np.float32) - 2.7), 0, 1)[None, :, None, None]
     probabilities = np.ascontiguousarray(np.broadcast_to(probabilities, (1, 8, 2, 2)))
     masks = probabilities > 0.5  # grid voxels 3..7
-    out = label_map_on_source_grid(masks, probabilities, [0], [5], GRID_SPACING, (32, 8, 8), (1.0, 1.0, 1.0), 0.5)
+    out = label_map_on_source_grid(masks, probabilities, [0], [5], GRID_SPACING, (32, 8, 8), (1.0, 1.0, 1.0), [0.5])
     # 1 mm voxel i lies at grid position i / 4: the first above 2.7 is i = 11 (nearest neighbour gives i = 10)
     assert np.flatnonzero(out[:, 0, 0]).tolist() == list(range(11, 32))
     assert (out == out[:, :1, :1]).all()
@@ -64,7 +64,7 @@ def test_a_component_removed_by_post_processing_stays_removed() -> None:
     masks = np.zeros(probabilities.shape, bool)
     masks[0, 2:6, 2:6, 2:6] = True  # post-processing kept the first component only
     out = label_map_on_source_grid(masks, probabilities, [0], [1], GRID_SPACING, (32, 16, 16), (2.0, 2.0, 2.0),
-                                   0.5)
+                                   [0.5])
     assert out[:16].any() and not out[16:].any()  # 2 mm voxel 16 lies at grid position 8
 
 
@@ -72,5 +72,5 @@ def test_empty_masks_give_an_empty_map() -> None:
     masks = np.zeros((2, 6, 6, 6), bool)
     probabilities = np.full((2, 6, 6, 6), 0.9, np.float32)  # probable, but post-processing emptied the masks
     out = label_map_on_source_grid(masks, probabilities, [0, 1], [1, 2], GRID_SPACING, (12, 12, 12),
-                                   (2.0, 2.0, 2.0), 0.5)
+                                   (2.0, 2.0, 2.0), [0.5, 0.5])
     assert out.shape == (12, 12, 12) and not out.any()

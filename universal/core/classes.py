@@ -45,6 +45,7 @@ class UniversalClass:
     parents: tuple[str, ...] = ()
     side: str | None = None
     enabled: bool = True
+    threshold: float | None = None
 
     @property
     def is_tumour(self) -> bool:
@@ -116,6 +117,14 @@ class ClassTable:
             by_side = {m.side: m.name for m in members}
             pairs.append((by_side["right"], by_side["left"]))
         return pairs
+
+    def mirror_channels(self) -> list[int]:
+        """For each channel, the channel of its left-right partner ("Right Kidney" <-> "Left Kidney"; a class
+        without a side is its own partner): where a left-right mirrored CT puts each class."""
+        by_pair = {(pair_name(c.name), c.side): i for i, c in enumerate(self.classes) if c.side is not None}
+        other = {"right": "left", "left": "right"}
+        return [by_pair.get((pair_name(c.name), other[c.side]), i) if c.side is not None else i
+                for i, c in enumerate(self.classes)]
 
     def tumours(self) -> list[UniversalClass]:
         return [c for c in self.classes if c.kind == "tumour"]
@@ -197,7 +206,8 @@ def _parse_row(path: Path, position: int, row: object, template: str) -> Univers
     where = f"{path}: classes[{position}]"
     if not isinstance(row, dict):
         raise ClassTableError(f"{where}: expected a mapping, got {row!r}")
-    unknown = set(row) - {"index", "name", "prompt", "kind", "colour", "postprocess", "parents", "side", "enabled"}
+    unknown = set(row) - {"index", "name", "prompt", "kind", "colour", "postprocess", "parents", "side", "enabled",
+                          "threshold"}
     if unknown:
         raise ClassTableError(f"{where}: unknown keys {sorted(unknown)}")
     for key in ("index", "name", "kind", "colour", "postprocess"):
@@ -226,10 +236,15 @@ def _parse_row(path: Path, position: int, row: object, template: str) -> Univers
         raise ClassTableError(f"{where}: an organ cannot have parents")
     if row["postprocess"] == "within_parent" and not parents:
         raise ClassTableError(f"{where}: postprocess within_parent needs parents")
+    threshold = row.get("threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not 0.0 < threshold < 1.0):
+        raise ClassTableError(f"{where}: threshold must be a probability in (0, 1), got {threshold!r}")
     prompt = row.get("prompt") or template.format(name=name)
     return UniversalClass(index=index, name=name, prompt=prompt, kind=row["kind"], colour=tuple(colour),
                           postprocess=row["postprocess"], parents=parents, side=side,
-                          enabled=bool(row.get("enabled", True)))
+                          enabled=bool(row.get("enabled", True)),
+                          threshold=None if threshold is None else float(threshold))
 
 
 def _check_unique(path: Path, rows: list[UniversalClass]) -> None:

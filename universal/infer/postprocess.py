@@ -18,6 +18,8 @@ Rules (column ``postprocess`` of the class table):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from scipy import ndimage
 
@@ -37,30 +39,52 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return components == int(sizes.argmax())
 
 
-def postprocess_masks(masks: np.ndarray, classes: ClassTable, affine: np.ndarray,
-                      midline_x_mm: float | None) -> np.ndarray:
-    """Apply every class's rule to binary masks (K, X, Y, Z) in class-table channel order; returns a new array."""
-    out = masks.copy()
-    for channel, cls in enumerate(classes):
-        if cls.postprocess == "largest_component":
-            out[channel] = largest_component(out[channel])
+def postprocess_masks(masks: np.ndarray, classes: ClassTable, affine: np.ndarray, midline_x_mm: float | None,
+                      channels: Sequence[int] | None = None, in_place: bool = False) -> np.ndarray:
+    """Apply every class's rule to binary masks (K, X, Y, Z); returns a new array (``masks`` itself, changed,
+    with ``in_place``).
+
+    ``channels``: the class-table channel of each of the K masks (default: all classes in table order). A rule
+    that needs a class without a mask (a partner side, a parent organ) reads it as empty.
+    """
+    channels = list(range(len(classes))) if channels is None else list(channels)
+    position = {channel: k for k, channel in enumerate(channels)}
+    name_at = {classes.channel(c.name): c for c in classes}
+
+    def at(name: str) -> int | None:
+        return position.get(classes.channel(name))
+
+    out = masks if in_place else masks.copy()
+    for k, channel in enumerate(channels):
+        if name_at[channel].postprocess == "largest_component":
+            out[k] = largest_component(out[k])
+    empty = np.zeros(masks.shape[1:], dtype=bool)
     for right_name, left_name in classes.side_pairs("lung_pair"):
-        right, left = classes.channel(right_name), classes.channel(left_name)
-        out[right], out[left] = split_by_side(out[right] | out[left], affine, midline_x_mm)
-    pairs = classes.side_pairs("largest_component_per_side")
+        right, left = at(right_name), at(left_name)
+        if right is None and left is None:
+            continue
+        both = (out[right] if right is not None else empty) | (out[left] if left is not None else empty)
+        sides = split_by_side(both, affine, midline_x_mm)
+        for k, side in zip((right, left), sides, strict=True):
+            if k is not None:
+                out[k] = side
+    pairs = [(at(r), at(left)) for r, left in classes.side_pairs("largest_component_per_side")]
+    pairs = [pair for pair in pairs if pair != (None, None)]
     on_right = None if midline_x_mm is None or not pairs else right_of_midline(masks.shape[1:], affine, midline_x_mm)
-    for right_name, left_name in pairs:
-        right, left = classes.channel(right_name), classes.channel(left_name)
-        if on_right is not None:
-            out[right] &= on_right
-            out[left] &= ~on_right
-        out[right], out[left] = largest_component(out[right]), largest_component(out[left])
-    for channel, cls in enumerate(classes):
+    for right, left in pairs:
+        for k, keep in ((right, on_right), (left, None if on_right is None else ~on_right)):
+            if k is None:
+                continue
+            if keep is not None:
+                out[k] &= keep
+            out[k] = largest_component(out[k])
+    for k, channel in enumerate(channels):
+        cls = name_at[channel]
         if cls.postprocess == "within_parent":
             parents = np.zeros(masks.shape[1:], dtype=bool)
             for name in cls.parents:
-                parents |= out[classes.channel(name)]
+                if (parent := at(name)) is not None:
+                    parents |= out[parent]
             near = ndimage.binary_dilation(parents, structure=CONNECTIVITY_26, iterations=PARENT_MARGIN_VOXELS)
-            out[channel] &= near
+            out[k] &= near
     return out
-

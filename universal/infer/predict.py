@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 
 from universal.core.classes import ClassTable
 from universal.core.intensity import window
@@ -16,6 +15,7 @@ from universal.core.sides import body_midline_x_mm
 from universal.core.volume import Volume, resample
 from universal.infer.postprocess import postprocess_masks
 from universal.infer.settings import InferenceSettings
+from universal.infer.sliding import predict_logits
 from universal.infer.source_grid import label_map_on_source_grid
 
 log = logging.getLogger(__name__)
@@ -34,35 +34,48 @@ class CasePrediction:
 
 @dataclass
 class GridPrediction:
-    """What the model says on its own grid: per-class probabilities and post-processed masks, both
-    (classes, X, Y, Z) in class-table channel order (classes that did not run stay 0), and the body midline (RAS x,
-    mm) that the side rules used."""
+    """What the model says on its own grid for the classes it computed: their class-table ``channels``, their
+    probabilities (K, X, Y, Z) float16 and post-processed masks (K, X, Y, Z) bool in that order, and the body
+    midline (RAS x, mm) that the side rules used."""
 
+    channels: list[int]
     probabilities: np.ndarray
     masks: np.ndarray
     midline_x_mm: float
+
+    def position(self, channel: int) -> int | None:
+        """Where a class-table channel sits among the computed ones (None: not computed)."""
+        return self.channels.index(channel) if channel in self.channels else None
+
+
+def class_thresholds(classes: ClassTable, channels: list[int], settings: InferenceSettings) -> np.ndarray:
+    """Each computed class's probability threshold: its class-table ``threshold``, else the settings' one."""
+    return np.array([classes.classes[c].threshold or settings.threshold for c in channels], dtype=np.float32)
 
 
 def predict_on_grid(model: torch.nn.Module, grid: Volume, classes: ClassTable, settings: InferenceSettings,
                     predicted: list[str] | None = None) -> GridPrediction:
     """Run the model on a CT already on its grid (RAS+, HU; ``settings.spacing`` is not applied here): window,
-    Gaussian-weighted sliding window, sigmoid, threshold and post-processing by the class table's rules.
+    Gaussian-weighted sliding window over the body (:mod:`universal.infer.sliding`), sigmoid, per-class
+    threshold and post-processing by the class table's rules.
 
     ``predicted`` names the classes whose heads run (default: all). Training's validation calls this too, so
     validation Dice is the Dice of what inference outputs on the model grid.
     """
-    inputs = window(grid.array, *settings.window_hu)[None, None].to(settings.device)
     channels = classes.channels(predicted if predicted is not None else classes.names)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=settings.device.startswith("cuda"))
-    with torch.inference_mode(), autocast:
-        logits = sliding_window_inference(inputs, settings.roi, settings.sw_batch_size,
-                                          lambda x: model(x, classes=channels), overlap=settings.overlap,
-                                          mode="gaussian")
-    probabilities = np.zeros((len(classes), *grid.shape), dtype=np.float32)
-    probabilities[channels] = torch.sigmoid(logits[0].float()).cpu().numpy()
+    mirror = None
+    if settings.mirror:
+        partners = classes.mirror_channels()
+        mirror = [channels.index(partners[c]) if partners[c] in channels else k for k, c in enumerate(channels)]
+    inputs = window(grid.array, *settings.window_hu).numpy()
+    probabilities = predict_logits(model, grid.array, inputs, channels, settings.roi, settings.overlap,
+                                   settings.sw_batch_size, settings.device, mirror)
+    del inputs
+    thresholds = class_thresholds(classes, channels, settings)
+    masks = probabilities > thresholds.astype(np.float16)[:, None, None, None]
     midline = body_midline_x_mm(grid)
-    masks = postprocess_masks(probabilities > settings.threshold, classes, grid.affine, midline)
-    return GridPrediction(probabilities, masks, midline)
+    masks = postprocess_masks(masks, classes, grid.affine, midline, channels, in_place=True)
+    return GridPrediction(channels, probabilities, masks, midline)
 
 
 def predict_volume(model: torch.nn.Module, image: Volume, classes: ClassTable, settings: InferenceSettings,
@@ -73,9 +86,11 @@ def predict_volume(model: torch.nn.Module, image: Volume, classes: ClassTable, s
     """
     grid = resample(Volume(image.array.astype(np.float32), image.affine), settings.spacing, order=1)
     on_grid = predict_on_grid(model, grid, classes, settings, predicted)
-    masks, probabilities, midline = on_grid.masks, on_grid.probabilities, on_grid.midline_x_mm
-    maps = [label_map_on_source_grid(masks, probabilities, [classes.channel(c.name) for c in group],
-                                     [c.index for c in group], grid.spacing, image.shape, image.spacing,
-                                     settings.threshold)
-            for group in (classes.organs(), classes.tumours())]
-    return CasePrediction(image, maps[0], maps[1], midline)
+    thresholds = class_thresholds(classes, on_grid.channels, settings)
+    maps = []
+    for group in (classes.organs(), classes.tumours()):
+        computed = [(k, c) for c in group if (k := on_grid.position(classes.channel(c.name))) is not None]
+        maps.append(label_map_on_source_grid(on_grid.masks, on_grid.probabilities, [k for k, _ in computed],
+                                             [c.index for _, c in computed], grid.spacing, image.shape,
+                                             image.spacing, [float(thresholds[k]) for k, _ in computed]))
+    return CasePrediction(image, maps[0], maps[1], on_grid.midline_x_mm)

@@ -30,22 +30,23 @@ BOX_MARGIN = 2  # model voxels around a mask: one for its dilation, one for the 
 
 def label_map_on_source_grid(masks: np.ndarray, probabilities: np.ndarray, channels: Sequence[int],
                              values: Sequence[int], grid_spacing: Sequence[float], source_shape: Sequence[int],
-                             source_spacing: Sequence[float], threshold: float) -> np.ndarray:
+                             source_spacing: Sequence[float], thresholds: Sequence[float]) -> np.ndarray:
     """One exclusive uint8 label map on the source grid from post-processed masks on the model grid.
 
-    ``masks`` (K, X, Y, Z) bool and ``probabilities`` (K, X, Y, Z) float32 are on the model grid (spacing
-    ``grid_spacing``, mm per array axis); ``channels`` are the channels to map and ``values`` the label values
-    written for them. The source grid (``source_shape`` voxels of ``source_spacing`` mm) shares the model grid's
-    axes and the centre of voxel 0, as :func:`universal.core.volume.resample` lays grids out: source voxel i lies at
-    model-grid position i · source_spacing / grid_spacing. A source voxel takes channel k's value when the
-    interpolated probability of k exceeds ``threshold`` and the nearest model voxel lies in k's mask dilated by
-    one voxel (26-connected); where several channels qualify the most probable wins (the earlier on a tie).
+    ``masks`` (K, X, Y, Z) bool and ``probabilities`` (K, X, Y, Z) float (16 or 32 bits) are on the model grid
+    (spacing ``grid_spacing``, mm per array axis); ``channels`` are the channels to map, ``values`` the label
+    values written for them and ``thresholds`` their probability thresholds. The source grid (``source_shape``
+    voxels of ``source_spacing`` mm) shares the model grid's axes and the centre of voxel 0, as
+    :func:`universal.core.volume.resample` lays grids out: source voxel i lies at model-grid position
+    i · source_spacing / grid_spacing. A source voxel takes channel k's value when the interpolated probability of
+    k exceeds its threshold and the nearest model voxel lies in k's mask dilated by one voxel (26-connected); where
+    several channels qualify the most probable wins (the earlier on a tie).
     """
     source_shape = tuple(int(n) for n in source_shape)
     zoom = tuple(g / s for g, s in zip(grid_spacing, source_spacing, strict=True))  # input / output spacing
     best = np.full(source_shape, -1.0, dtype=np.float32)
     labels = np.zeros(source_shape, dtype=np.uint8)
-    for channel, value in zip(channels, values, strict=True):
+    for channel, value, threshold in zip(channels, values, thresholds, strict=True):
         box = _bounding_box(masks[channel], BOX_MARGIN)
         if box is None:
             continue

@@ -64,5 +64,5 @@ def _case_rows(model: UniversalModel, case: StoredCase, store_name: str, names: 
     truth = multi_hot_targets(label, classes, x_mm, midline, channels)[0].numpy()
     dataset = case.attrs.get("dataset", store_name)
     return [{"step": step, "dataset": dataset, "case_id": case.case_id, "class": name,
-             "dice": dice(masks[channel], truth[i])}
-            for i, (name, channel) in enumerate(zip(names, channels, strict=True))]
+             "dice": dice(masks[i], truth[i])}
+            for i, name in enumerate(names)]
