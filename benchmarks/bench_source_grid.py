@@ -152,7 +152,7 @@ def run_route(route: str, folder: Path, save: bool) -> dict:
     began = time.perf_counter()
     if route == "ours":
         labels = label_map_on_source_grid(masks, probabilities, list(range(CLASSES)), values, GRID_SPACING,
-                                          SOURCE_SHAPE, SOURCE_SPACING, THRESHOLD)
+                                          SOURCE_SHAPE, SOURCE_SPACING, [THRESHOLD] * CLASSES)
     elif route == "loop":
         labels = per_class_loop(probabilities, values)
     elif route == "sitk-linear":
