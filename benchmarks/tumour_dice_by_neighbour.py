@@ -26,8 +26,8 @@ from universal.core.classes import ClassTable, load_class_table
 from universal.core.sides import right_of_midline
 from universal.data.catalog import DatasetEntry, find_cases, load_catalog
 from universal.data.harmonize import harmonize_case
-from universal.evaluate.metrics import class_region, dice, predicted_mask
-from universal.infer.ome import read_prediction
+from universal.evaluate.metrics import class_region, dice
+from universal.infer.ome import predicted_mask, read_prediction
 
 EXTERNAL = "demo_external"
 

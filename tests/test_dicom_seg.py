@@ -23,7 +23,6 @@ from universal.core.classes import load_class_table
 from universal.core.project import CONFIG_DIR
 from universal.core.volume import Volume, load_nifti, save_nifti
 from universal.data.layouts import read_dicom_series
-from universal.evaluate.metrics import predicted_mask
 from universal.infer.dicom_seg import (
     LOCAL_SCHEME,
     DicomSegError,
@@ -32,6 +31,7 @@ from universal.infer.dicom_seg import (
     rgb_to_cielab,
     write_dicom_seg,
 )
+from universal.infer.ome import predicted_mask
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -25,7 +25,7 @@ from universal.core.tsv import one_line, read_tsv_rows, write_tsv
 from universal.core.volume import Volume
 from universal.data.catalog import Case, DatasetEntry
 from universal.data.harmonize import harmonize_case
-from universal.infer.ome import read_prediction
+from universal.infer.ome import predicted_mask, read_prediction
 
 METRIC_COLUMNS = ("dataset", "case_id", "class", "kind", "predicted", "dice", "gt_ml", "pred_ml")
 FAILURE_COLUMNS = ("dataset", "case_id", "stage", "error")
@@ -47,11 +47,6 @@ def class_region(label: np.ndarray, cls: UniversalClass, classes: ClassTable, ri
             inside &= right_side if cls.side == "right" else ~right_side
         region |= inside
     return region
-
-
-def predicted_mask(organs: np.ndarray, tumours: np.ndarray, cls: UniversalClass) -> np.ndarray:
-    """Where a prediction marks ``cls``: its value in the organ map, or in the tumour map for a tumour class."""
-    return (tumours if cls.is_tumour else organs) == cls.index
 
 
 def dice(prediction: np.ndarray, truth: np.ndarray) -> float:

@@ -1,8 +1,10 @@
 """A batch of inference: load the model once, predict every case into its own files, report each case on one line.
 
-Outputs in ``out_dir`` per case: ``<case_id>.ome.zarr`` (:mod:`universal.infer.ome`) and, with
-``export_nifti``, ``<case_id>_organs.nii.gz`` and ``<case_id>_tumours.nii.gz`` in the input file's own geometry.
-Each is written under a temporary name and renamed when complete, so an output that exists is complete.
+Outputs in ``out_dir`` per case: ``<case_id>.ome.zarr`` (:mod:`universal.infer.ome`), ``<case_id>.statistics.tsv``
+(per class: volume in mL, mean and median HU), with ``export_nifti`` ``<case_id>_organs.nii.gz`` and
+``<case_id>_tumours.nii.gz`` in the input file's own geometry, and with ``export_dicom_seg`` for a DICOM series
+input ``<case_id>.seg.dcm`` referencing that series (:mod:`universal.infer.dicom_seg`). Each is written under a
+temporary name and renamed when complete, so an output that exists is complete.
 
 Cases are independent: a case that fails for any reason (unreadable image, malformed geometry, an error inside
 the model) is recorded with its error on one line and the batch goes on; its outputs from an earlier run are
@@ -36,7 +38,9 @@ from universal.core.tsv import one_line, write_tsv
 from universal.core.volume import Volume
 from universal.data.catalog import Case
 from universal.data.images import is_nifti, read_ct
-from universal.infer.ome import prediction_attrs, write_prediction
+from universal.data.layouts import read_dicom_series
+from universal.infer.dicom_seg import write_dicom_seg
+from universal.infer.ome import predicted_mask, prediction_attrs, write_prediction
 from universal.infer.predict import predict_volume
 from universal.infer.settings import InferenceSettings, settings_from_checkpoint, windows_per_pass
 from universal.model.network import load_checkpoint
@@ -44,6 +48,7 @@ from universal.model.network import load_checkpoint
 log = logging.getLogger(__name__)
 
 REPORT_COLUMNS = ("case_id", "status", "seconds", "error")
+STATISTICS_COLUMNS = ("class", "kind", "volume_ml", "mean_hu", "median_hu")
 LABEL_GROUPS = ("organs", "tumours")
 
 
@@ -94,11 +99,14 @@ def run_key(checkpoint_sha256: str, classes: ClassTable, settings: InferenceSett
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def case_outputs(out_dir: Path, case_id: str, settings: InferenceSettings) -> list[Path]:
-    """The files a case's prediction consists of (the OME-Zarr first)."""
-    outputs = [out_dir / f"{case_id}.ome.zarr"]
+def case_outputs(out_dir: Path, case: Case, settings: InferenceSettings) -> list[Path]:
+    """The files a case's prediction consists of: the OME-Zarr, the per-class statistics and the exports asked for
+    (NIfTI label maps; a DICOM-SEG for a DICOM series input)."""
+    outputs = [out_dir / f"{case.case_id}.ome.zarr", out_dir / f"{case.case_id}.statistics.tsv"]
     if settings.export_nifti:
-        outputs += [out_dir / f"{case_id}_{group}.nii.gz" for group in LABEL_GROUPS]
+        outputs += [out_dir / f"{case.case_id}_{group}.nii.gz" for group in LABEL_GROUPS]
+    if settings.export_dicom_seg and case.image.is_dir():
+        outputs.append(out_dir / f"{case.case_id}.seg.dcm")
     return outputs
 
 
@@ -113,8 +121,8 @@ def infer_cases(cases: list[Case], run: BatchRun, classes: ClassTable, out_dir: 
         try:
             status = _infer_case(case, run, classes, out_dir)
         except Exception as err:  # one case never stops the batch: every error is recorded on its line
-            for path in case_outputs(out_dir, case.case_id, run.settings):
-                if not file_name_problem(path.name):
+            if not file_name_problem(case.case_id):
+                for path in case_outputs(out_dir, case, run.settings):
                     remove(path)
             outcomes.append(CaseOutcome(case.case_id, "failed", time.perf_counter() - began, one_line(err)))
             log.error("case %s failed: %s", case.case_id, one_line(err))
@@ -129,7 +137,7 @@ def _infer_case(case: Case, run: BatchRun, classes: ClassTable, out_dir: Path) -
     """Predict one case unless its complete outputs of the same run exist; returns ``ok`` or ``skipped``."""
     if problem := file_name_problem(case.case_id):
         raise ValueError(f"case id {case.case_id!r} cannot name an output file: {problem}")
-    outputs = case_outputs(out_dir, case.case_id, run.settings)
+    outputs = case_outputs(out_dir, case, run.settings)
     if all(path.exists() for path in outputs) and _recorded_run_key(outputs[0]) == run.run_key:
         return "skipped"
     image = read_ct(case.image)
@@ -141,10 +149,29 @@ def _infer_case(case: Case, run: BatchRun, classes: ClassTable, out_dir: Path) -
                              prediction.midline_x_mm, source_affine)
     hu = np.clip(np.rint(image.array), -32768, 32767).astype(np.int16)
     write_prediction(outputs[0], Volume(hu, image.affine), prediction.organs, prediction.tumours, classes, attrs)
+    write_tsv(outputs[1], STATISTICS_COLUMNS, class_statistics(image, prediction.organs, prediction.tumours, classes))
     if run.settings.export_nifti:
-        for path, labels in zip(outputs[1:], (prediction.organs, prediction.tumours), strict=True):
-            export_nifti(labels, source_affine, path)
+        for group, labels in zip(LABEL_GROUPS, (prediction.organs, prediction.tumours), strict=True):
+            export_nifti(labels, source_affine, out_dir / f"{case.case_id}_{group}.nii.gz")
+    if run.settings.export_dicom_seg and case.image.is_dir():
+        files = read_dicom_series(case.image, with_pixels=False).files
+        write_dicom_seg(Volume(prediction.organs, image.affine), Volume(prediction.tumours, image.affine), classes,
+                        files, out_dir / f"{case.case_id}.seg.dcm", predicted=run.predicted,
+                        algorithm_parameters={"checkpoint": run.checkpoint.name, "run_key": run.run_key})
     return "ok"
+
+
+def class_statistics(image: Volume, organs: np.ndarray, tumours: np.ndarray, classes: ClassTable) -> list[tuple]:
+    """Per predicted class, as TotalSegmentator's statistics give them: volume (mL) and the mean and median HU of
+    the CT inside the class (an organ includes its tumours); classes not found are left out."""
+    voxel_ml = float(np.prod(image.spacing)) / 1000.0
+    rows = []
+    for cls in classes:
+        inside = image.array[predicted_mask(organs, tumours, cls)]
+        if inside.size:
+            rows.append((cls.name, cls.kind, f"{inside.size * voxel_ml:.3f}", f"{float(np.mean(inside)):.1f}",
+                         f"{float(np.median(inside)):.1f}"))
+    return rows
 
 
 def _recorded_run_key(prediction: Path) -> str | None:

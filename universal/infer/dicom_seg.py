@@ -6,7 +6,7 @@ files of that series, and writes one BINARY segmentation through highdicom:
 
 * one segment per class that has at least one voxel, in class-table order (segment numbers 1, 2, ... count the
   written segments; they are not the universal label values, which each segment's Segment Description states).
-  A segment's mask is :func:`universal.evaluate.metrics.predicted_mask`: an organ's value in the organ map (the
+  A segment's mask is :func:`universal.infer.ome.predicted_mask`: an organ's value in the organ map (the
   organ map already covers the organ's tumours) or a tumour's value in the tumour map. A tumour therefore overlaps
   its organ, which a LABELMAP segmentation could not hold; empty segments are left out (a class the model predicts
   but did not find has no segment).
@@ -48,7 +48,7 @@ from universal.core.atomic import atomic_output
 from universal.core.classes import ClassTable, UniversalClass
 from universal.core.project import CONFIG_DIR
 from universal.core.volume import Volume, same_grid
-from universal.evaluate.metrics import predicted_mask
+from universal.infer.ome import predicted_mask
 
 if TYPE_CHECKING:
     from highdicom.seg import Segmentation

@@ -105,6 +105,11 @@ def _full_resolution(group: zarr.Group) -> zarr.Array:
     return group[group.attrs["ome"]["multiscales"][0]["datasets"][0]["path"]]
 
 
+def predicted_mask(organs: np.ndarray, tumours: np.ndarray, cls: UniversalClass) -> np.ndarray:
+    """Where a prediction marks ``cls``: its value in the organ map, or in the tumour map for a tumour class."""
+    return (tumours if cls.is_tumour else organs) == cls.index
+
+
 def union_label_map(organs: np.ndarray, tumours: np.ndarray) -> np.ndarray:
     """One exclusive universal label map: tumour values over organ values."""
     return np.where(tumours > 0, tumours, organs).astype(np.uint8)

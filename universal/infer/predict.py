@@ -84,7 +84,8 @@ def predict_volume(model: torch.nn.Module, image: Volume, classes: ClassTable, s
 
     ``predicted`` names the classes whose heads run (default: all); the others stay empty.
     """
-    grid = resample(Volume(image.array.astype(np.float32), image.affine), settings.spacing, order=1)
+    # one memory layout whatever the reader gave, so that one scan read from any format is predicted alike
+    grid = resample(Volume(np.ascontiguousarray(image.array, dtype=np.float32), image.affine), settings.spacing, 1)
     on_grid = predict_on_grid(model, grid, classes, settings, predicted)
     thresholds = class_thresholds(classes, on_grid.channels, settings)
     maps = []
