@@ -23,6 +23,7 @@ POSTPROCESS_RULES = ("none", "largest_component", "lung_pair", "largest_componen
 # Rules that act on a right/left pair of rows: the two rows share their name but for the "Right "/"Left " prefix.
 PAIR_RULES = ("lung_pair", "largest_component_per_side")
 DEFAULT_PROMPT_TEMPLATE = "A computerized tomography of a {name}"
+DEFAULT_NSD_TOLERANCE_MM = 1.0
 
 
 class ClassTableError(ValueError):
@@ -33,7 +34,8 @@ class ClassTableError(ValueError):
 class UniversalClass:
     """One row of the class table.
 
-    ``index`` is the label value in universal label maps (1-based; 0 is background).
+    ``index`` is the label value in universal label maps (1-based; 0 is background). ``nsd_tolerance_mm`` is the
+    tolerance (mm) of the class's normalised surface distance in the evaluation.
     """
 
     index: int
@@ -45,6 +47,7 @@ class UniversalClass:
     parents: tuple[str, ...] = ()
     side: str | None = None
     enabled: bool = True
+    nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM
 
     @property
     def is_tumour(self) -> bool:
@@ -197,7 +200,8 @@ def _parse_row(path: Path, position: int, row: object, template: str) -> Univers
     where = f"{path}: classes[{position}]"
     if not isinstance(row, dict):
         raise ClassTableError(f"{where}: expected a mapping, got {row!r}")
-    unknown = set(row) - {"index", "name", "prompt", "kind", "colour", "postprocess", "parents", "side", "enabled"}
+    unknown = set(row) - {"index", "name", "prompt", "kind", "colour", "postprocess", "parents", "side", "enabled",
+                          "nsd_tolerance_mm"}
     if unknown:
         raise ClassTableError(f"{where}: unknown keys {sorted(unknown)}")
     for key in ("index", "name", "kind", "colour", "postprocess"):
@@ -226,10 +230,13 @@ def _parse_row(path: Path, position: int, row: object, template: str) -> Univers
         raise ClassTableError(f"{where}: an organ cannot have parents")
     if row["postprocess"] == "within_parent" and not parents:
         raise ClassTableError(f"{where}: postprocess within_parent needs parents")
+    tolerance = row.get("nsd_tolerance_mm", DEFAULT_NSD_TOLERANCE_MM)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not 0 <= tolerance < float("inf"):
+        raise ClassTableError(f"{where}: nsd_tolerance_mm must be a finite number of mm >= 0, got {tolerance!r}")
     prompt = row.get("prompt") or template.format(name=name)
     return UniversalClass(index=index, name=name, prompt=prompt, kind=row["kind"], colour=tuple(colour),
                           postprocess=row["postprocess"], parents=parents, side=side,
-                          enabled=bool(row.get("enabled", True)))
+                          enabled=bool(row.get("enabled", True)), nsd_tolerance_mm=float(tolerance))
 
 
 def _check_unique(path: Path, rows: list[UniversalClass]) -> None:
