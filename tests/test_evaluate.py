@@ -1,13 +1,17 @@
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from monai.metrics import compute_dice
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
+from scipy import ndimage
 
 from universal.core.sides import right_of_midline
 from universal.core.volume import Volume
 from universal.evaluate.aggregate import aggregate
-from universal.evaluate.metrics import class_region, dice, evaluate_case, write_metrics
+from universal.evaluate.metrics import class_region, dice, evaluate_case, truth_maps, write_metrics
+from universal.evaluate.surface import label_boundaries, surface_metrics
 
 
 def test_dice_matches_monai():
@@ -26,6 +30,67 @@ def test_dice_conventions_for_empty_masks():
     assert dice(full, empty) == 0.0
 
 
+def _one_hot(label: np.ndarray, values: list[int]) -> torch.Tensor:
+    """(1, C, X, Y, Z) float one-hot of ``values`` in a label map, as MONAI's metrics take it."""
+    return torch.from_numpy(np.stack([label == v for v in values])[None].astype(np.float32))
+
+
+def test_surface_metrics_match_monai_voxel_boundaries():
+    """NSD and HD95 against MONAI's compute_surface_dice / compute_hausdorff_distance, anisotropic spacing, per-class
+    tolerances: labels that overlap, touch the array's edge, are scattered, missed, or false positives."""
+    rng = np.random.default_rng(5)
+    shape, spacing = (26, 22, 14), (1.5, 0.8, 2.5)
+    blobs = ndimage.gaussian_filter(rng.random((4, *shape)), sigma=(0, 2.5, 2.5, 1.5))
+    truth = np.zeros(shape, np.uint8)
+    prediction = np.zeros(shape, np.uint8)
+    for value, blob in enumerate(blobs, start=1):
+        truth[blob > np.quantile(blob, 0.8)] = value
+        prediction[np.roll(blob, value - 2, axis=value % 3) > np.quantile(blob, 0.78 + 0.01 * value)] = value
+    prediction[rng.random(shape) > 0.995] = 2      # scattered false positives of label 2
+    truth[0:3, 0:4, :] = 5                         # label 5 touches three faces of the array
+    prediction[0:3, 2:4, :] = 5
+    prediction[20:22, 18:20, 5:7] = 6              # label 6: a false positive only (absent from the truth)
+    truth[10:12, 2:4, 10:12] = 7                   # label 7: missed
+    values = [1, 2, 3, 4, 5, 6, 7, 8]              # label 8: in neither
+    tolerances = {v: 1.0 if v % 2 else 2.0 for v in values}
+    ours = surface_metrics(prediction, truth, spacing, tolerances)
+    y_pred, y = _one_hot(prediction, values), _one_hot(truth, values)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns about the empty classes
+        nsd = compute_surface_dice(y_pred, y, list(tolerances.values()), include_background=True,
+                                   spacing=spacing)[0].numpy()
+        hd95 = compute_hausdorff_distance(y_pred, y, include_background=True, percentile=95, spacing=spacing)[0].numpy()
+    for i, v in enumerate(values[:5]):
+        assert ours[v][0] == pytest.approx(nsd[i], abs=1e-4) and ours[v][1] == pytest.approx(hd95[i], abs=1e-4)
+        assert 0 < ours[v][0] < 1 and ours[v][1] > 0
+    # One side empty: NSD 0 in both; HD95 inf here, NaN in MONAI (its percentile interpolates between infinities)
+    assert ours[6] == ours[7] == (0.0, np.inf) and nsd[5] == nsd[6] == 0 and np.isnan(hd95[5:7]).all()
+    assert np.isnan(ours[8]).all() and np.isnan(nsd[7]) and np.isnan(hd95[7])
+
+
+def test_surface_metrics_hand_computed():
+    one = np.zeros((8, 8, 8), np.uint8)
+    one[5, 5, 5] = 1
+    moved = np.zeros_like(one)
+    moved[5, 5, 7] = 1                              # two voxels of 1.5 mm along z: 3 mm apart
+    assert surface_metrics(moved, one, (1.0, 1.0, 1.5), {1: 1.0})[1] == (0.0, 3.0)
+    assert surface_metrics(moved, one, (1.0, 1.0, 1.5), {1: 3.0})[1] == (1.0, 3.0)
+    pair = one.copy()
+    pair[6, 5, 5] = 1                               # truth 2 voxels along x (2 mm), prediction 1 of them
+    nsd, hd95 = surface_metrics(one, pair, (2.0, 1.0, 1.0), {1: 1.0})[1]
+    assert nsd == pytest.approx(2 / 3)              # (1 + 1) of 1 + 2 boundary voxels within 1 mm
+    assert hd95 == pytest.approx(0.95 * 2.0)        # q95 of [0, 2] by linear interpolation
+
+
+def test_boundary_counts_outside_the_array_as_outside():
+    cube = np.zeros((5, 5, 5), np.uint8)
+    cube[1:4, 1:4, 1:4] = 3
+    inside, filling = label_boundaries(cube, (1.0, 1.0, 1.0)), label_boundaries(cube[1:4, 1:4, 1:4], (1.0, 1.0, 1.0))
+    assert len(inside.of(3)[0]) == len(filling.of(3)[0]) == 26   # all but the centre voxel, in both
+    np.testing.assert_array_equal(inside.of(3)[0] - 1.0, filling.of(3)[0])
+    assert len(inside.of(1)[0]) == 0 and len(inside.of(200)[0]) == 0
+
+
 def test_organ_region_includes_its_tumours_on_its_side(classes):
     label = np.zeros((10, 2, 2), np.uint8)
     label[0:3] = 3     # left kidney (low x)
@@ -38,6 +103,10 @@ def test_organ_region_includes_its_tumours_on_its_side(classes):
     assert left_kidney[:, 0, 0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
     assert right_kidney[:, 0, 0].tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 1, 1]
     assert class_region(label, classes["Kidney Tumor"], classes, right).sum() == 8
+    organs, tumours = truth_maps(label, classes, np.eye(4), midline_x_mm=4.5)
+    for cls in classes:
+        assert np.array_equal((tumours if cls.is_tumour else organs) == cls.index,
+                              class_region(label, cls, classes, right)), cls.name
 
 
 def test_case_table_has_one_row_per_class(classes):
@@ -46,17 +115,28 @@ def test_case_table_has_one_row_per_class(classes):
     truth[4:6, 4:6, 4:6] = 27
     organs = np.zeros_like(truth)
     organs[2:10, 2:10, 2:9] = 6
+    organs[15:17, 15:17, 15:17] = 7   # stomach, which this dataset does not annotate
     tumours = np.zeros_like(truth)
     tumours[4:6, 4:6, 4:6] = 27
+    tumours[12, 12, 12] = 28          # a pancreas tumour the truth does not have
     table = evaluate_case(organs, tumours, Volume(truth, np.diag([2.0, 2.0, 2.0, 1.0])), classes, 20.0, "d", "c",
-                          predicted=["Liver", "Liver Tumor"])
+                          predicted=["Liver", "Liver Tumor"],
+                          annotated=["Liver", "Liver Tumor", "Spleen", "Pancreas Tumor"])
     assert len(table) == 31 and table["class"].tolist() == classes.names
     assert table.loc[table["predicted"], "class"].tolist() == ["Liver", "Liver Tumor"]
+    assert table.loc[table["annotated"], "class"].tolist() == ["Spleen", "Liver", "Liver Tumor", "Pancreas Tumor"]
     row = table.set_index("class")
     assert row.loc["Liver", "dice"] == pytest.approx(2 * 448 / (448 + 512))
-    assert row.loc["Liver Tumor", "dice"] == 1.0
+    # Boundaries: prediction 268 voxels, truth 296; 232 of each shared, the rest (36 of the prediction's top face,
+    # the truth's 64-voxel top face) one 2 mm voxel away: NSD at 1 mm = 464 / 564, HD95 = 2 mm.
+    assert row.loc["Liver", "nsd"] == pytest.approx(464 / 564) and row.loc["Liver", "hd95_mm"] == pytest.approx(2.0)
+    assert tuple(row.loc["Liver Tumor", ["dice", "nsd", "hd95_mm"]]) == (1.0, 1.0, 0.0)
+    assert tuple(row.loc["Pancreas Tumor", ["dice", "nsd", "hd95_mm", "gt_ml"]]) == (0.0, 0.0, np.inf, 0.0)
+    assert row.loc["Pancreas Tumor", "pred_ml"] == pytest.approx(0.008)
     assert row.loc["Liver", "gt_ml"] == pytest.approx(512 * 8 / 1000)
-    assert np.isnan(row.loc["Spleen", "dice"])
+    assert row.loc["Spleen", ["dice", "nsd", "hd95_mm"]].isna().all() and row.loc["Spleen", "gt_ml"] == 0.0
+    assert row.loc["Stomach", ["dice", "nsd", "hd95_mm", "gt_ml"]].isna().all()
+    assert row.loc["Stomach", "pred_ml"] == pytest.approx(0.064) and (row["nsd_tolerance_mm"] == 1.0).all()
 
 
 def test_aggregate_with_dask_matches_pandas(classes, tmp_path):
