@@ -78,7 +78,7 @@ def test_surface_metrics_hand_computed():
     pair = one.copy()
     pair[6, 5, 5] = 1                               # truth 2 voxels along x (2 mm), prediction 1 of them
     nsd, hd95 = surface_metrics(one, pair, (2.0, 1.0, 1.0), {1: 1.0})[1]
-    assert nsd == pytest.approx(2 / 3)              # (1 + 1) of 1 + 2 boundary voxels within 1 mm
+    assert nsd == pytest.approx(2 / 3, abs=1e-4)              # (1 + 1) of 1 + 2 boundary voxels within 1 mm
     assert hd95 == pytest.approx(0.95 * 2.0)        # q95 of [0, 2] by linear interpolation
 
 
@@ -139,25 +139,79 @@ def test_case_table_has_one_row_per_class(classes):
     assert row.loc["Stomach", "pred_ml"] == pytest.approx(0.064) and (row["nsd_tolerance_mm"] == 1.0).all()
 
 
+LIVER_TUMOUR = {"c0": (1.0, 2.0), "c1": (3.0, 0.0), "c2": (1.0, 1.0), "c3": (1.0, 0.0), "c4": (0.0, 0.5)}
+
+
+def _case_table(classes, case: int, rng: np.random.Generator) -> pd.DataFrame:
+    """A per-case table: case 0 scores 0 everywhere ("0" in the TSV: dtypes must not come from the first file),
+    every 7th class is absent from both sides (NaN), Liver's HD95 is inf in case 1, Colon Tumor is annotated only
+    in dataset "ext", and Liver Tumor's volumes (gt_ml, pred_ml) come from LIVER_TUMOUR."""
+    rows = []
+    for c in classes:
+        dataset = "ext" if case < 3 else "other"
+        annotated = c.name != "Colon Tumor" or dataset == "ext"
+        score = 0.0 if case == 0 else rng.random() if c.index % 7 else np.nan
+        hd95 = np.inf if (case, c.name) == (1, "Liver") else score * 10
+        gt_ml, pred_ml = LIVER_TUMOUR[f"c{case}"] if c.name == "Liver Tumor" else (1.0, 2.0)
+        rows.append({"dataset": dataset, "case_id": f"c{case}", "class": c.name, "kind": c.kind,
+                     "predicted": c.name != "Colon", "annotated": annotated, "dice": score if annotated else np.nan,
+                     "nsd": score / 2 if annotated else np.nan, "nsd_tolerance_mm": 1.0,
+                     "hd95_mm": hd95 if annotated else np.nan, "gt_ml": gt_ml if annotated else np.nan,
+                     "pred_ml": pred_ml})
+    return pd.DataFrame(rows)
+
+
 def test_aggregate_with_dask_matches_pandas(classes, tmp_path):
     rng = np.random.default_rng(0)
     paths = []
-    for case in range(5):  # case 0 scores 0 everywhere ("0" in the TSV): dtypes must not come from the first file
-        rows = [{"dataset": "ext" if case < 3 else "other", "case_id": f"c{case}", "class": c.name, "kind": c.kind,
-                 "predicted": c.name != "Colon", "dice": 0.0 if case == 0 else rng.random() if c.index % 7 else np.nan,
-                 "gt_ml": 1.0, "pred_ml": 2.0} for c in classes]
+    for case in range(5):
         path = tmp_path / "metrics" / f"c{case}.tsv"
-        write_metrics(pd.DataFrame(rows), path)
+        write_metrics(_case_table(classes, case, rng), path)
         paths.append(path)
     outputs = aggregate(paths, classes, tmp_path / "out", threads=2)
     per_class = pd.read_csv(outputs["per_class"], sep="\t").set_index("class")
-    reference = pd.concat(pd.read_csv(p, sep="\t") for p in paths).groupby("class")["dice"]
+    reference = pd.concat(pd.read_csv(p, sep="\t") for p in paths).groupby("class")
     for name in ("Liver", "Spleen", "Colon Tumor"):
-        assert per_class.loc[name, "dice_mean"] == pytest.approx(reference.mean()[name], abs=1e-4)
-        assert per_class.loc[name, "dice_count"] == reference.count()[name]
-    assert list(per_class.index) == classes.names
+        for metric in ("dice", "nsd"):
+            assert per_class.loc[name, f"{metric}_mean"] == pytest.approx(reference[metric].mean()[name], abs=1e-4)
+            assert per_class.loc[name, f"{metric}_count"] == reference[metric].count()[name]
+        assert per_class.loc[name, "hd95_mm_median"] == pytest.approx(reference["hd95_mm"].median()[name], abs=1e-4)
+    assert per_class.loc["Liver", "hd95_mm_inf"] == 1 and per_class["hd95_mm_inf"].sum() == 1
+    assert per_class.loc["Colon Tumor", "annotated_cases"] == per_class.loc["Colon Tumor", "dice_count"] == 3
+    assert list(per_class.index) == classes.names and (per_class["nsd_tolerance_mm"] == 1.0).all()
     assert not per_class.loc["Colon", "predicted"] and per_class.loc["Liver", "predicted"]
     assert per_class.loc["Stomach", "dice_count"] == 1  # index 7: only case 0 has a value
     per_dataset = pd.read_csv(outputs["per_dataset_class"], sep="\t")
     assert set(per_dataset["dataset"]) == {"ext", "other"} and len(per_dataset) == 62
-    assert outputs["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for key in ("per_case", "per_class", "per_dataset_class", "detection", "detection_per_dataset"):
+        tsv, parquet = pd.read_csv(outputs[key], sep="\t"), pd.read_parquet(outputs[f"{key}_parquet"])
+        assert list(parquet.columns) == list(tsv.columns) and len(parquet) == len(tsv)
+        pd.testing.assert_frame_equal(parquet.select_dtypes("number"), tsv.select_dtypes("number"),
+                                      check_dtype=False, atol=1e-4)
+    for plot in ("dice_per_class", "nsd_per_class", "hd95_per_class"):
+        assert outputs[plot].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_detection_counts_cases_as_table_4_does(classes, tmp_path):
+    """Liver Tumor: truth positive in c0-c3, a tumour left in the prediction in c0, c2, c4; c0-c2 are dataset ext.
+    Colon Tumor (truth and prediction positive everywhere) counts only in ext, the dataset that annotates it."""
+    rng = np.random.default_rng(1)
+    paths = []
+    for case in range(5):
+        path = tmp_path / f"c{case}.tsv"
+        write_metrics(_case_table(classes, case, rng), path)
+        paths.append(path)
+    outputs = aggregate(paths, classes, tmp_path / "out")
+    overall = pd.read_csv(outputs["detection"], sep="\t").set_index("class")
+    assert list(overall.index) == [c.name for c in classes.tumours()]
+    liver = overall.loc["Liver Tumor"]
+    counts = ["true_positive", "false_negative", "false_positive", "true_negative", "cases"]
+    assert tuple(liver[counts]) == (2, 2, 1, 0, 5)
+    assert liver["sensitivity"] == 0.5 and liver["specificity"] == 0.0
+    colon = overall.loc["Colon Tumor"]
+    assert colon["cases"] == 3 and colon["sensitivity"] == 1.0 and np.isnan(colon["specificity"])
+    by_dataset = pd.read_csv(outputs["detection_per_dataset"], sep="\t").set_index(["dataset", "class"])
+    assert by_dataset.loc[("ext", "Liver Tumor"), "sensitivity"] == pytest.approx(2 / 3, abs=1e-4)
+    assert np.isnan(by_dataset.loc[("ext", "Liver Tumor"), "specificity"])
+    assert tuple(by_dataset.loc[("other", "Liver Tumor"), ["sensitivity", "specificity"]]) == (0.0, 0.0)
+    assert ("other", "Colon Tumor") not in by_dataset.index
