@@ -139,11 +139,12 @@ def test_case_table_has_one_row_per_class(classes):
     assert row.loc["Stomach", "pred_ml"] == pytest.approx(0.064) and (row["nsd_tolerance_mm"] == 1.0).all()
 
 
-LIVER_TUMOUR = {"c0": (1.0, 2.0), "c1": (3.0, 0.0), "c2": (1.0, 1.0), "c3": (1.0, 0.0), "c4": (0.0, 0.5)}
+LIVER_TUMOUR = [(1.0, 2.0), (3.0, 0.0), (1.0, 1.0), (1.0, 0.0), (0.0, 0.5)]  # (gt_ml, pred_ml) of cases 0-4
 
 
 def _case_table(classes, case: int, rng: np.random.Generator) -> pd.DataFrame:
-    """A per-case table: case 0 scores 0 everywhere ("0" in the TSV: dtypes must not come from the first file),
+    """A per-case table of case "00<case>" (an id that reads as a number): case 0 scores 0 everywhere ("0" in the
+    TSV: dtypes must not come from the first file),
     every 7th class is absent from both sides (NaN), Liver's HD95 is inf in case 1, Colon Tumor is annotated only
     in dataset "ext", and Liver Tumor's volumes (gt_ml, pred_ml) come from LIVER_TUMOUR."""
     rows = []
@@ -152,8 +153,8 @@ def _case_table(classes, case: int, rng: np.random.Generator) -> pd.DataFrame:
         annotated = c.name != "Colon Tumor" or dataset == "ext"
         score = 0.0 if case == 0 else rng.random() if c.index % 7 else np.nan
         hd95 = np.inf if (case, c.name) == (1, "Liver") else score * 10
-        gt_ml, pred_ml = LIVER_TUMOUR[f"c{case}"] if c.name == "Liver Tumor" else (1.0, 2.0)
-        rows.append({"dataset": dataset, "case_id": f"c{case}", "class": c.name, "kind": c.kind,
+        gt_ml, pred_ml = LIVER_TUMOUR[case] if c.name == "Liver Tumor" else (1.0, 2.0)
+        rows.append({"dataset": dataset, "case_id": f"{case:03d}", "class": c.name, "kind": c.kind,
                      "predicted": c.name != "Colon", "annotated": annotated, "dice": score if annotated else np.nan,
                      "nsd": score / 2 if annotated else np.nan, "nsd_tolerance_mm": 1.0,
                      "hd95_mm": hd95 if annotated else np.nan, "gt_ml": gt_ml if annotated else np.nan,
@@ -183,8 +184,11 @@ def test_aggregate_with_dask_matches_pandas(classes, tmp_path):
     assert per_class.loc["Stomach", "dice_count"] == 1  # index 7: only case 0 has a value
     per_dataset = pd.read_csv(outputs["per_dataset_class"], sep="\t")
     assert set(per_dataset["dataset"]) == {"ext", "other"} and len(per_dataset) == 62
+    assert pd.read_parquet(outputs["per_case_parquet"])["case_id"].unique().tolist() == ["000", "001", "002", "003",
+                                                                                         "004"]
     for key in ("per_case", "per_class", "per_dataset_class", "detection", "detection_per_dataset"):
-        tsv, parquet = pd.read_csv(outputs[key], sep="\t"), pd.read_parquet(outputs[f"{key}_parquet"])
+        tsv = pd.read_csv(outputs[key], sep="\t", dtype={"case_id": str})
+        parquet = pd.read_parquet(outputs[f"{key}_parquet"])
         assert list(parquet.columns) == list(tsv.columns) and len(parquet) == len(tsv)
         pd.testing.assert_frame_equal(parquet.select_dtypes("number"), tsv.select_dtypes("number"),
                                       check_dtype=False, atol=1e-4)
@@ -193,7 +197,7 @@ def test_aggregate_with_dask_matches_pandas(classes, tmp_path):
 
 
 def test_detection_counts_cases_as_table_4_does(classes, tmp_path):
-    """Liver Tumor: truth positive in c0-c3, a tumour left in the prediction in c0, c2, c4; c0-c2 are dataset ext.
+    """Liver Tumor: truth positive in cases 0-3, a tumour left in the prediction in 0, 2, 4; 0-2 are dataset ext.
     Colon Tumor (truth and prediction positive everywhere) counts only in ext, the dataset that annotates it."""
     rng = np.random.default_rng(1)
     paths = []

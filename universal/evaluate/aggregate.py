@@ -4,7 +4,7 @@ plots.
 Per-case tables (TSV, one row per class: see :mod:`universal.evaluate.metrics`) are read lazily by a dask dataframe,
 a batch of files per partition, so thousands of cases aggregate in parallel on the cores the rule was given (a local
 threaded scheduler by default; pass a ``scheduler`` address to use an existing dask cluster). The frame is read
-once and kept in memory (``persist``) for all the summaries.
+once, kept in memory (``persist``), and every table is computed from it in one ``dask.compute``.
 
 Summaries leave NaN out: a class a case does not annotate, or absent from both prediction and ground truth, counts
 in no Dice, NSD or HD95 statistic. HD95 is summarised by its median and the number of infinite values (prediction or
@@ -28,7 +28,7 @@ import pandas as pd
 
 from universal.core.atomic import atomic_output
 from universal.core.classes import ClassTable
-from universal.evaluate.metrics import FAILURE_COLUMNS
+from universal.evaluate.metrics import FAILURE_COLUMNS, METRIC_COLUMNS
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -36,17 +36,20 @@ import matplotlib.pyplot as plt
 METRIC_DTYPES = {"dataset": str, "case_id": str, "class": str, "kind": str, "predicted": bool, "annotated": bool,
                  "dice": "float64", "nsd": "float64", "nsd_tolerance_mm": "float64", "hd95_mm": "float64",
                  "gt_ml": "float64", "pred_ml": "float64"}
+TEXT_COLUMNS = {name: str for name, kind in METRIC_DTYPES.items() if kind is str}
 SUMMARY = {"annotated": ["sum"], "dice": ["mean", "median", "std", "count"], "nsd": ["mean", "median", "std", "count"],
            "hd95_mm": ["median", "count"], "hd95_inf": ["sum"], "gt_ml": ["mean"], "pred_ml": ["mean"]}
 SUMMARY_NAMES = {"annotated_sum": "annotated_cases", "hd95_inf_sum": "hd95_mm_inf"}
 DETECTION_COUNTS = ("true_positive", "false_negative", "false_positive", "true_negative")
-FILES_PER_PARTITION = 64
+BY_CLASS = ["class", "kind", "predicted", "nsd_tolerance_mm"]
+FILES_PER_PARTITION = 256
 PLOTS = {"dice": ("dice_per_class", "Dice", (0.0, 1.0)), "nsd": ("nsd_per_class", "NSD", (0.0, 1.0)),
          "hd95_mm": ("hd95_per_class", "HD95 (mm)", None)}
 
 
 def read_metrics(paths: list[str | Path]) -> dd.DataFrame:
-    """A dask dataframe over per-case metric TSVs, ``FILES_PER_PARTITION`` files per partition."""
+    """A dask dataframe over per-case metric TSVs, ``FILES_PER_PARTITION`` files per partition: the columns of
+    ``METRIC_DTYPES`` plus the flags the summaries count (see :func:`_with_flags`)."""
     if not paths:
         raise ValueError("no per-case metric tables to aggregate")
     groups = [tuple(str(p) for p in paths[i:i + FILES_PER_PARTITION])
@@ -55,29 +58,44 @@ def read_metrics(paths: list[str | Path]) -> dd.DataFrame:
 
 
 def _read_tables(paths: tuple[str, ...]) -> pd.DataFrame:
-    """Per-case metric TSVs concatenated, with the column types of ``METRIC_DTYPES``."""
-    return pd.concat([pd.read_csv(p, sep="\t", dtype=METRIC_DTYPES) for p in paths], ignore_index=True)
+    """Per-case metric TSVs concatenated, with the column types of ``METRIC_DTYPES`` (text columns read as text,
+    so that a case id "007" stays one), and their flags."""
+    tables = [pd.read_csv(p, sep="\t", dtype=TEXT_COLUMNS) for p in paths]
+    return _with_flags(pd.concat(tables, ignore_index=True).astype(METRIC_DTYPES))
 
 
-def summarise(frame: dd.DataFrame, by: list[str], threads: int) -> pd.DataFrame:
-    """Per group of ``by`` columns: cases annotating the class; mean, median, std and count of Dice and NSD; median
-    and count of HD95 (mm) and its number of infinite values; mean volumes (mL). NaN values are left out."""
-    frame = frame.assign(hd95_inf=frame["hd95_mm"] == np.inf)
-    with dask.config.set(scheduler="threads", num_workers=max(1, threads)):
-        table = frame.groupby(by).agg(SUMMARY).compute()
+def _with_flags(table: pd.DataFrame) -> pd.DataFrame:
+    """Add ``hd95_inf`` (HD95 infinite) and, for the tumour rows of cases annotating them (``tumour``), the four
+    detection outcomes: positive when ``gt_ml > 0``, called positive when ``pred_ml > 0``."""
+    tumour = (table["kind"] == "tumour") & table["annotated"]
+    positive, called = table["gt_ml"] > 0, table["pred_ml"] > 0
+    return table.assign(hd95_inf=table["hd95_mm"] == np.inf, tumour=tumour,
+                        true_positive=tumour & positive & called, false_negative=tumour & positive & ~called,
+                        false_positive=tumour & ~positive & called, true_negative=tumour & ~positive & ~called)
+
+
+def summary(frame: dd.DataFrame, by: list[str]) -> dd.DataFrame:
+    """Per group of ``by`` columns (lazy): cases annotating the class; mean, median, std and count of Dice and NSD;
+    median and count of HD95 (mm) and its number of infinite values; mean volumes (mL). NaN values are left out."""
+    return frame.groupby(by).agg(SUMMARY)
+
+
+def _summary_table(table: pd.DataFrame) -> pd.DataFrame:
+    """A computed :func:`summary` with flat column names (``dice_mean``, ``annotated_cases``, ...)."""
     table.columns = [SUMMARY_NAMES.get(f"{metric}_{stat}", f"{metric}_{stat}") for metric, stat in table.columns]
     return table.reset_index()
 
 
-def detection(frame: dd.DataFrame, by: list[str], threads: int) -> pd.DataFrame:
-    """Tumour detection per group of ``by`` columns over the cases annotating each tumour class: the four counts,
-    ``cases``, ``sensitivity`` and ``specificity`` (NaN without positive, or negative, cases)."""
-    tumours = frame[(frame["kind"] == "tumour") & frame["annotated"]]
-    positive, called = tumours["gt_ml"] > 0, tumours["pred_ml"] > 0
-    tumours = tumours.assign(true_positive=positive & called, false_negative=positive & ~called,
-                             false_positive=~positive & called, true_negative=~positive & ~called)
-    with dask.config.set(scheduler="threads", num_workers=max(1, threads)):
-        table = tumours[[*by, *DETECTION_COUNTS]].groupby(by).sum().compute().astype("int64")
+def detection(frame: dd.DataFrame, by: list[str]) -> dd.DataFrame:
+    """Tumour detection counts per group of ``by`` columns (lazy), over the cases annotating each tumour class."""
+    tumours = frame[frame["tumour"]]
+    return tumours[[*by, *DETECTION_COUNTS]].groupby(by).sum()
+
+
+def _detection_table(table: pd.DataFrame) -> pd.DataFrame:
+    """A computed :func:`detection` with ``cases``, ``sensitivity`` and ``specificity`` (NaN without positive, or
+    negative, cases)."""
+    table = table.astype("int64")
     table["cases"] = table[list(DETECTION_COUNTS)].sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         table["sensitivity"] = table["true_positive"] / (table["true_positive"] + table["false_negative"])
@@ -95,16 +113,18 @@ def aggregate(paths: list[str | Path], classes: ClassTable, out_dir: str | Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     with dask.config.set(scheduler="threads", num_workers=max(1, threads)):
         frame = read_metrics(paths).persist()
-        per_case = frame.compute()
+        (computed,) = dask.compute({
+            "per_case": frame[list(METRIC_COLUMNS)], "per_class": summary(frame, BY_CLASS),
+            "per_dataset_class": summary(frame, ["dataset", *BY_CLASS]), "detection": detection(frame, ["class"]),
+            "detection_per_dataset": detection(frame, ["dataset", "class"])})
     by_class = _class_order(classes)
     tables = {
-        "per_case": per_case,
-        "per_class": summarise(frame, ["class", "kind", "predicted", "nsd_tolerance_mm"], threads)
-        .sort_values("class", key=by_class),
-        "per_dataset_class": summarise(frame, ["dataset", "class", "kind", "predicted", "nsd_tolerance_mm"], threads)
+        "per_case": computed["per_case"].reset_index(drop=True),
+        "per_class": _summary_table(computed["per_class"]).sort_values("class", key=by_class),
+        "per_dataset_class": _summary_table(computed["per_dataset_class"])
         .sort_values(["dataset", "class"], key=by_class),
-        "detection": detection(frame, ["class"], threads).sort_values("class", key=by_class),
-        "detection_per_dataset": detection(frame, ["dataset", "class"], threads)
+        "detection": _detection_table(computed["detection"]).sort_values("class", key=by_class),
+        "detection_per_dataset": _detection_table(computed["detection_per_dataset"])
         .sort_values(["dataset", "class"], key=by_class),
     }
     outputs = {"failed": out_dir / "failed_cases.tsv"}
@@ -119,7 +139,7 @@ def aggregate(paths: list[str | Path], classes: ClassTable, out_dir: str | Path,
             table.to_parquet(tmp, index=False)
     for metric, (name, label, limits) in PLOTS.items():
         outputs[name] = out_dir / f"{name}.png"
-        plot_metric(per_case, classes, metric, label, limits, outputs[name])
+        plot_metric(tables["per_case"], classes, metric, label, limits, outputs[name])
     return outputs
 
 
