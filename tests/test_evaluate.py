@@ -11,7 +11,7 @@ from universal.core.sides import right_of_midline
 from universal.core.volume import Volume
 from universal.evaluate.aggregate import aggregate
 from universal.evaluate.metrics import class_region, dice, evaluate_case, truth_maps, write_metrics
-from universal.evaluate.surface import label_boundaries, surface_metrics
+from universal.evaluate.surface import label_boundaries, neighbourhood, surface_metrics
 
 
 def test_dice_matches_monai():
@@ -75,6 +75,9 @@ def test_surface_metrics_hand_computed():
     moved[5, 5, 7] = 1                              # two voxels of 1.5 mm along z: 3 mm apart
     assert surface_metrics(moved, one, (1.0, 1.0, 1.5), {1: 1.0})[1] == (0.0, 3.0)
     assert surface_metrics(moved, one, (1.0, 1.0, 1.5), {1: 3.0})[1] == (1.0, 3.0)
+    far = np.zeros_like(one)
+    far[5, 5, 1] = 1                                # 6 mm: beyond the 3 mm neighbourhood, from the k-d tree
+    assert surface_metrics(far, one, (1.0, 1.0, 1.5), {1: 1.0})[1] == (0.0, 6.0)
     pair = one.copy()
     pair[6, 5, 5] = 1                               # truth 2 voxels along x (2 mm), prediction 1 of them
     nsd, hd95 = surface_metrics(one, pair, (2.0, 1.0, 1.0), {1: 1.0})[1]
@@ -82,13 +85,21 @@ def test_surface_metrics_hand_computed():
     assert hd95 == pytest.approx(0.95 * 2.0)        # q95 of [0, 2] by linear interpolation
 
 
+def test_neighbourhood_holds_every_offset_within_the_radius_nearest_first():
+    offsets, lengths = neighbourhood((1.0, 1.0, 2.0), 2.0, (3, 3, 2), (10, 10, 10))
+    assert len(offsets) == 13 + 2   # 13 in the plane (dx² + dy² <= 4), and dz = ±1 (2 mm)
+    assert offsets[0] == 0 and np.all(np.diff(lengths) >= 0) and lengths[-1] == 2.0
+    assert set(offsets[lengths == 1.0]) == {100, -100, 10, -10}   # flat offsets of x, y in a 10³ grid
+
+
 def test_boundary_counts_outside_the_array_as_outside():
     cube = np.zeros((5, 5, 5), np.uint8)
     cube[1:4, 1:4, 1:4] = 3
     inside, filling = label_boundaries(cube, (1.0, 1.0, 1.0)), label_boundaries(cube[1:4, 1:4, 1:4], (1.0, 1.0, 1.0))
-    assert len(inside.of(3)[0]) == len(filling.of(3)[0]) == 26   # all but the centre voxel, in both
-    np.testing.assert_array_equal(inside.of(3)[0] - 1.0, filling.of(3)[0])
-    assert len(inside.of(1)[0]) == 0 and len(inside.of(200)[0]) == 0
+    surface, filled = inside.points[inside.rows(3)], filling.points[filling.rows(3)]
+    assert len(surface) == len(filled) == 26   # all but the centre voxel, in both
+    np.testing.assert_array_equal(surface - 1.0, filled)
+    assert len(inside.points[inside.rows(1)]) == 0 and len(inside.points[inside.rows(200)]) == 0
 
 
 def test_organ_region_includes_its_tumours_on_its_side(classes):
