@@ -207,6 +207,13 @@ def test_aggregate_with_dask_matches_pandas(classes, tmp_path):
         assert outputs[plot].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_aggregate_names_a_table_of_an_older_version(classes, tmp_path):
+    path = tmp_path / "old.tsv"
+    write_metrics(_case_table(classes, 0, np.random.default_rng(0)).drop(columns=["nsd", "hd95_mm"]), path)
+    with pytest.raises(ValueError, match=r"old.tsv: per-case metric table without columns \['nsd', 'hd95_mm'\]"):
+        aggregate([path], classes, tmp_path / "out")
+
+
 def test_detection_counts_cases_as_table_4_does(classes, tmp_path):
     """Liver Tumor: truth positive in cases 0-3, a tumour left in the prediction in 0, 2, 4; 0-2 are dataset ext.
     Colon Tumor (truth and prediction positive everywhere) counts only in ext, the dataset that annotates it."""

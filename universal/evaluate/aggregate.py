@@ -60,8 +60,18 @@ def read_metrics(paths: list[str | Path]) -> dd.DataFrame:
 def _read_tables(paths: tuple[str, ...]) -> pd.DataFrame:
     """Per-case metric TSVs concatenated, with the column types of ``METRIC_DTYPES`` (text columns read as text,
     so that a case id "007" stays one), and their flags."""
-    tables = [pd.read_csv(p, sep="\t", dtype=TEXT_COLUMNS) for p in paths]
+    tables = [_read_table(p) for p in paths]
     return _with_flags(pd.concat(tables, ignore_index=True).astype(METRIC_DTYPES))
+
+
+def _read_table(path: str) -> pd.DataFrame:
+    """One per-case metric TSV; a table without every column of ``METRIC_DTYPES`` is refused, naming the file."""
+    table = pd.read_csv(path, sep="\t", dtype=TEXT_COLUMNS)
+    missing = [name for name in METRIC_DTYPES if name not in table.columns]
+    if missing:
+        raise ValueError(f"{path}: per-case metric table without columns {missing} (written by an older version? "
+                         f"evaluate the batch again, e.g. snakemake --forcerun evaluate)")
+    return table
 
 
 def _with_flags(table: pd.DataFrame) -> pd.DataFrame:

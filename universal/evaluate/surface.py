@@ -43,7 +43,7 @@ NEIGHBOURHOOD_VOXELS = 2  # radius of the neighbourhood searched voxel by voxel,
 class Boundaries:
     """The boundary voxels of every label of one map, grouped by label value.
 
-    The map is padded by ``pad`` voxels on both sides of each axis (background). ``points`` (n, 3) are voxel
+    The map is padded with background (``label_boundaries``'s ``pad``). ``points`` (n, 3) are voxel
     centres in mm along the array axes, ``voxels`` (n,) their flat indices in the padded grid (ascending within a
     label), ``values`` (n,) their labels; label ``v``'s are rows ``starts[v]:starts[v + 1]``. ``labels`` is the
     padded grid, flat, holding each boundary voxel's label and 0 elsewhere.
