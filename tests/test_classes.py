@@ -44,6 +44,13 @@ def _write(tmp_path: Path, mutate) -> Path:
     return path
 
 
+def test_nsd_tolerance_defaults_to_1_mm_and_can_be_set_per_class(tmp_path, classes):
+    assert {c.nsd_tolerance_mm for c in classes} == {1.0}
+    path = _write(tmp_path, lambda d: d["classes"][26].update(nsd_tolerance_mm=2.5))
+    table = load_class_table(path)
+    assert table["Liver Tumor"].nsd_tolerance_mm == 2.5 and table["Liver"].nsd_tolerance_mm == 1.0
+
+
 def test_prompt_override(tmp_path):
     path = _write(tmp_path, lambda d: d["classes"][5].update(prompt="An abdominal CT showing the liver"))
     assert load_class_table(path)["Liver"].prompt == "An abdominal CT showing the liver"
@@ -58,6 +65,9 @@ def test_prompt_override(tmp_path):
     (lambda d: d["classes"][2].update(postprocess="largest_component"),
      "largest_component_per_side needs one 'Right Kidney'.*'Left Kidney'"),
     (lambda d: d["classes"][16].update(side="right"), "lung_pair needs one 'Right Lung'"),
+    (lambda d: d["classes"][0].update(nsd_tolerance_mm=-1), "class 'Spleen': nsd_tolerance_mm"),
+    (lambda d: d["classes"][0].update(nsd_tolerance_mm="2 mm"), "class 'Spleen': nsd_tolerance_mm"),
+    (lambda d: d["classes"][0].update(nsd_tolerance_mm=float("inf")), "class 'Spleen': nsd_tolerance_mm"),
 ])
 def test_malformed_table_names_file_and_problem(tmp_path, mutate, message):
     path = _write(tmp_path, mutate)

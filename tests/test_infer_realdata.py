@@ -83,7 +83,7 @@ def test_the_nifti_and_the_dicom_form_of_one_scan_give_the_same_prediction(share
 
 def test_the_dicom_seg_reads_back_with_references_names_and_voxels(shared_data, tmp_path, checkpoint) -> None:
     folder = shared_data / "dcmqi" / "ct-3slice"
-    (_, organs, tumours, meta), = _predict(tmp_path, checkpoint, [Case("real", "ge", folder, None)],
+    (_, organs, tumours, _), = _predict(tmp_path, checkpoint, [Case("real", "ge", folder, None)],
                                            export_dicom_seg=True)
     seg = hd.seg.segread(tmp_path / "out" / "ge.seg.dcm")
     sources = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in sorted(folder.iterdir())}
@@ -100,8 +100,8 @@ def test_the_dicom_seg_reads_back_with_references_names_and_voxels(shared_data, 
         for uid, path in sources.items():
             frame = seg.get_pixels_by_source_instance([uid], segment_numbers=[number], ignore_spatial_locations=True)
             position = np.asarray(pydicom.dcmread(path, stop_before_pixels=True).ImagePositionPatient, float)
-            z = int(round(np.linalg.solve(image.affine[:3, :3], [-position[0], -position[1], position[2]]
-                                          - image.affine[:3, 3])[2]))
+            ras = np.array([-position[0], -position[1], position[2]])  # DICOM positions are LPS
+            z = round(float(np.linalg.solve(image.affine[:3, :3], ras - image.affine[:3, 3])[2]))
             total += int(frame.sum())
             assert int(frame.sum()) == int(expected[:, :, z].sum())
         assert total == int(expected.sum())

@@ -143,13 +143,16 @@ def test_demo_workflow_end_to_end(tmp_path, classes, shared_data):
     per_case = pd.read_csv(results / "evaluation" / "per_case.tsv", sep="\t")
     assert len(per_case) == len(cases) * len(classes)
     assert set(per_case.groupby("case_id")["class"].nunique()) == {len(classes)}
+    assert {"nsd", "hd95_mm", "annotated"} <= set(per_case.columns) and per_case["nsd"].between(0, 1).any()
     assert (results / "evaluation" / "dice_per_class.png").stat().st_size > 1000
+    assert len(pd.read_parquet(results / "evaluation" / "detection.parquet")) == len(classes.tumours())
 
     assert pd.read_csv(results / "evaluation" / "failed_cases.tsv", sep="\t").empty
 
     report = _snakemake(workdir, "--report", "report.html")
     assert report.returncode == 0, report.stderr[-3000:]
-    assert "dice_per_class.png" in (workdir / "report.html").read_text()
+    html = (workdir / "report.html").read_text()
+    assert all(name in html for name in ("dice_per_class.png", "nsd_per_class.png", "detection.tsv"))
 
     _infer_external_as_users_type_it(workdir, shared_data)
 

@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit 0 when some cases failed but not all (they are listed in the report)")
     p.set_defaults(func=cmd_infer)
 
-    p = sub.add_parser("evaluate", help="Dice per case and class of predictions against harmonized labels")
+    p = sub.add_parser("evaluate", help="Dice, NSD and HD95 per case and class against harmonized labels")
     _add_catalog(p)
     p.add_argument("--manifest", type=Path, required=True)
     p.add_argument("--predictions", type=Path, required=True, help="folder of <case>.ome.zarr predictions")

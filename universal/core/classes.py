@@ -23,6 +23,7 @@ POSTPROCESS_RULES = ("none", "largest_component", "lung_pair", "largest_componen
 # Rules that act on a right/left pair of rows: the two rows share their name but for the "Right "/"Left " prefix.
 PAIR_RULES = ("lung_pair", "largest_component_per_side")
 DEFAULT_PROMPT_TEMPLATE = "A computerized tomography of a {name}"
+DEFAULT_NSD_TOLERANCE_MM = 1.0
 
 
 class ClassTableError(ValueError):
@@ -33,7 +34,8 @@ class ClassTableError(ValueError):
 class UniversalClass:
     """One row of the class table.
 
-    ``index`` is the label value in universal label maps (1-based; 0 is background).
+    ``index`` is the label value in universal label maps (1-based; 0 is background). ``nsd_tolerance_mm`` is the
+    tolerance (mm) of the class's normalised surface distance in the evaluation.
     """
 
     index: int
@@ -46,6 +48,7 @@ class UniversalClass:
     side: str | None = None
     enabled: bool = True
     threshold: float | None = None
+    nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM
 
     @property
     def is_tumour(self) -> bool:
@@ -207,7 +210,7 @@ def _parse_row(path: Path, position: int, row: object, template: str) -> Univers
     if not isinstance(row, dict):
         raise ClassTableError(f"{where}: expected a mapping, got {row!r}")
     unknown = set(row) - {"index", "name", "prompt", "kind", "colour", "postprocess", "parents", "side", "enabled",
-                          "threshold"}
+                          "threshold", "nsd_tolerance_mm"}
     if unknown:
         raise ClassTableError(f"{where}: unknown keys {sorted(unknown)}")
     for key in ("index", "name", "kind", "colour", "postprocess"):
@@ -240,11 +243,15 @@ def _parse_row(path: Path, position: int, row: object, template: str) -> Univers
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                   or not 0.0 < threshold < 1.0):
         raise ClassTableError(f"{where}: threshold must be a probability in (0, 1), got {threshold!r}")
+    tolerance = row.get("nsd_tolerance_mm", DEFAULT_NSD_TOLERANCE_MM)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not 0 <= tolerance < float("inf"):
+        raise ClassTableError(f"{where}: nsd_tolerance_mm must be a finite number of mm >= 0, got {tolerance!r}")
     prompt = row.get("prompt") or template.format(name=name)
     return UniversalClass(index=index, name=name, prompt=prompt, kind=row["kind"], colour=tuple(colour),
                           postprocess=row["postprocess"], parents=parents, side=side,
                           enabled=bool(row.get("enabled", True)),
-                          threshold=None if threshold is None else float(threshold))
+                          threshold=None if threshold is None else float(threshold),
+                          nsd_tolerance_mm=float(tolerance))
 
 
 def _check_unique(path: Path, rows: list[UniversalClass]) -> None:

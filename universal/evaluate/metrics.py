@@ -1,13 +1,23 @@
-"""Per-case evaluation: Dice of every class of the class table, against a harmonized ground truth.
+"""Per-case evaluation: Dice, normalised surface distance (NSD) and 95th-percentile Hausdorff distance (HD95) of
+every class of the class table, against a harmonized ground truth.
 
 Class regions follow the one-vs-all design: an organ's region includes the tumours that lie in it (a bilateral
 tumour belongs to the organ on its side of the body midline), a tumour's region is its own label value. The
-predicted organ region is the organ label image (organ channels already cover their tumours).
+predicted organ region is the organ label image (organ channels already cover their tumours). So each case is two
+pairs of exclusive label maps, organs and tumours, and every metric of a pair comes from one pass over it.
 
 Dice = 2|P∩G| / (|P| + |G|), with no smoothing term. When both P and G are empty the Dice is undefined and
 reported as NaN (excluded from means); a non-empty prediction of an absent class scores 0. That is nnU-Net's
 rule; MONAI's ``ignore_empty`` instead gives NaN whenever G is empty. ``gt_ml`` tells the two cases apart, so a
 comparison of models can average over the same cases (those whose G is not empty).
+
+NSD (tolerance: the class table's ``nsd_tolerance_mm``, 1 mm by default) and HD95 (mm) use MONAI's voxel-boundary
+definitions, spacing honoured; both empty gives NaN, one empty gives NSD 0 and HD95 inf
+(:mod:`universal.evaluate.surface`). A class the case's dataset does not annotate has NaN metrics and ground-truth
+volume: its absence from the label says nothing.
+
+Tumour detection as the paper's Table 4 counts it needs no column of its own: a case is positive for a tumour
+class when ``gt_ml > 0`` and called positive when ``pred_ml > 0`` (a tumour remains after post-processing).
 """
 
 from __future__ import annotations
@@ -25,9 +35,11 @@ from universal.core.tsv import one_line, read_tsv_rows, write_tsv
 from universal.core.volume import Volume
 from universal.data.catalog import Case, DatasetEntry
 from universal.data.harmonize import harmonize_case
-from universal.infer.ome import predicted_mask, read_prediction
+from universal.evaluate.surface import surface_metrics
+from universal.infer.ome import read_prediction
 
-METRIC_COLUMNS = ("dataset", "case_id", "class", "kind", "predicted", "dice", "gt_ml", "pred_ml")
+METRIC_COLUMNS = ("dataset", "case_id", "class", "kind", "predicted", "annotated", "dice", "nsd", "nsd_tolerance_mm",
+                  "hd95_mm", "gt_ml", "pred_ml")
 FAILURE_COLUMNS = ("dataset", "case_id", "stage", "error")
 
 log = logging.getLogger(__name__)
@@ -51,33 +63,99 @@ def class_region(label: np.ndarray, cls: UniversalClass, classes: ClassTable, ri
 
 def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
     """Dice of two boolean arrays; NaN when both are empty."""
-    total = int(prediction.sum()) + int(truth.sum())
-    if total == 0:
-        return float("nan")
-    return 2.0 * int(np.logical_and(prediction, truth).sum()) / total
+    return dice_from_counts(int(np.logical_and(prediction, truth).sum()), int(prediction.sum()), int(truth.sum()))
+
+
+def dice_from_counts(intersection: int, predicted: int, true: int) -> float:
+    """Dice from voxel counts |P∩G|, |P| and |G|; NaN when |P| + |G| = 0."""
+    total = predicted + true
+    return float("nan") if total == 0 else 2.0 * intersection / total
+
+
+def truth_maps(label: np.ndarray, classes: ClassTable, affine: np.ndarray, midline_x_mm: float
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The ground truth as two exclusive maps (x, y, z): organ regions and tumours.
+
+    In the organ map every tumour voxel carries its organ's value; a tumour with two parents (one per side, e.g.
+    Kidney Tumor) gives each voxel to the parent on its side of the midline (RAS x in mm, ``affine`` voxel -> mm).
+    Agrees with :func:`class_region` class by class; values outside the class table become background.
+    """
+    size = max(int(label.max(initial=0)), classes.max_index) + 1
+    organ_of, tumour_of = np.zeros(size, label.dtype), np.zeros(size, label.dtype)
+    sided = []
+    for cls in classes:
+        if not cls.is_tumour:
+            organ_of[cls.index] = cls.index
+            continue
+        tumour_of[cls.index] = cls.index
+        if len(cls.parents) == 1:
+            organ_of[cls.index] = classes[cls.parents[0]].index
+            continue
+        by_side = {classes[name].side: classes[name].index for name in cls.parents}
+        if len(cls.parents) != 2 or set(by_side) != {"right", "left"}:
+            raise ValueError(f"class {cls.name!r}: a tumour with several parents needs one right and one left "
+                             f"parent to be evaluated, got {list(cls.parents)}")
+        sided.append((cls.index, by_side))
+    organs, tumours = organ_of[label], tumour_of[label]
+    right_side = None
+    for value, by_side in sided:
+        inside = label == value
+        if not inside.any():
+            continue
+        if right_side is None:
+            right_side = right_of_midline(label.shape, affine, midline_x_mm)
+        organs[inside & right_side] = by_side["right"]
+        organs[inside & ~right_side] = by_side["left"]
+    return organs, tumours
+
+
+def overlap_counts(prediction: np.ndarray, truth: np.ndarray, size: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Voxel counts per label value 0..n-1 (n >= ``size``) of two label maps: (|P∩G|, |P|, |G|).
+
+    One confusion matrix over the voxels where either map is non-zero (the background count, value 0, stays 0).
+    """
+    either = np.flatnonzero(prediction.reshape(-1) | truth.reshape(-1))
+    predicted, true = prediction.reshape(-1)[either].astype(np.intp), truth.reshape(-1)[either].astype(np.intp)
+    size = max(size, int(predicted.max(initial=0)) + 1, int(true.max(initial=0)) + 1)
+    joint = np.bincount(predicted * size + true, minlength=size * size).reshape(size, size)
+    return np.diagonal(joint).copy(), joint.sum(axis=1), joint.sum(axis=0)
 
 
 def evaluate_case(organs: np.ndarray, tumours: np.ndarray, truth: Volume, classes: ClassTable, midline_x_mm: float,
-                  dataset: str, case_id: str, predicted: list[str] | None = None) -> pd.DataFrame:
-    """Dice and volumes (mL) per class for one case; prediction maps must be on the ground truth's grid.
+                  dataset: str, case_id: str, predicted: list[str] | None = None,
+                  annotated: list[str] | None = None) -> pd.DataFrame:
+    """Dice, NSD, HD95 (mm) and volumes (mL) per class for one case; prediction maps (x, y, z) must be on the
+    ground truth's grid.
 
     ``predicted`` names the classes the model predicts (default: all); the column ``predicted`` marks them, so
-    that classes no training case annotated are told apart from classes the model gets wrong.
+    that classes no training case annotated are told apart from classes the model gets wrong. ``annotated`` names
+    the classes the case's dataset labels (default: all); the others get NaN metrics and ``gt_ml``.
     """
     if organs.shape != truth.shape or tumours.shape != truth.shape:
         raise ValueError(f"{dataset}/{case_id}: prediction shape {organs.shape} != ground truth {truth.shape}")
     voxel_ml = float(np.prod(truth.spacing)) / 1000.0
-    right_side = right_of_midline(truth.shape, truth.affine, midline_x_mm)
-    rows = []
-    predicted_names = None if predicted is None else set(predicted)
-    for cls in classes:
-        mask = predicted_mask(organs, tumours, cls)
-        region = class_region(truth.array, cls, classes, right_side)
-        rows.append({"dataset": dataset, "case_id": case_id, "class": cls.name, "kind": cls.kind,
-                     "predicted": predicted_names is None or cls.name in predicted_names,
-                     "dice": dice(mask, region), "gt_ml": int(region.sum()) * voxel_ml,
-                     "pred_ml": int(mask.sum()) * voxel_ml})
-    return pd.DataFrame(rows, columns=list(METRIC_COLUMNS))
+    predicted_names = set(classes.names if predicted is None else predicted)
+    annotated_names = set(classes.names if annotated is None else annotated)
+    truth_organs, truth_tumours = truth_maps(truth.array, classes, truth.affine, midline_x_mm)
+    rows = {}
+    for prediction_map, truth_map, members in ((organs, truth_organs, classes.organs()),
+                                               (tumours, truth_tumours, classes.tumours())):
+        both, in_prediction, in_truth = overlap_counts(prediction_map, truth_map, classes.max_index + 1)
+        scored = [c for c in members if c.name in annotated_names]
+        surface = surface_metrics(prediction_map, truth_map, truth.spacing,
+                                  {c.index: c.nsd_tolerance_mm for c in scored})
+        for c in members:
+            row = {"dataset": dataset, "case_id": case_id, "class": c.name, "kind": c.kind,
+                   "predicted": c.name in predicted_names, "annotated": c.index in surface,
+                   "nsd_tolerance_mm": c.nsd_tolerance_mm, "pred_ml": int(in_prediction[c.index]) * voxel_ml}
+            if row["annotated"]:
+                row["nsd"], row["hd95_mm"] = surface[c.index]
+                row["dice"] = dice_from_counts(int(both[c.index]), int(in_prediction[c.index]),
+                                               int(in_truth[c.index]))
+                row["gt_ml"] = int(in_truth[c.index]) * voxel_ml
+            rows[c.name] = row
+    return pd.DataFrame([rows[name] for name in classes.names], columns=list(METRIC_COLUMNS))
 
 
 def write_metrics(table: pd.DataFrame, path: str | Path) -> None:
@@ -127,4 +205,4 @@ def _evaluate_one(case: Case, entry: DatasetEntry, classes: ClassTable, predicti
     if truth.label is None:
         raise ValueError(f"{case.image}: the case has no ground-truth label to evaluate against")
     return evaluate_case(organs, tumours, truth.label, classes, truth.attrs["midline_x_mm"], entry.key,
-                         case.case_id, meta.get("predicted_classes"))
+                         case.case_id, meta.get("predicted_classes"), truth.attrs["annotated"])

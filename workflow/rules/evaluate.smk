@@ -1,4 +1,5 @@
-# Evaluation: Dice per case and class for every labelled external dataset, aggregated by dask into a report.
+# Evaluation: Dice, NSD and HD95 per case and class for every labelled external dataset, and tumour detection,
+# aggregated by dask into tables (TSV and Parquet), box plots and the report.
 
 
 rule evaluate:
@@ -32,6 +33,10 @@ rule aggregate:
         failures=[f"{folder}.failures.tsv" for folder in metric_dirs()],
     output:
         per_case="results/evaluation/per_case.tsv",
+        parquet=expand(
+            "results/evaluation/{table}.parquet",
+            table=["per_case", "per_class", "per_dataset_class", "detection", "detection_per_dataset"],
+        ),
         per_class=report(
             "results/evaluation/per_class.tsv",
             caption="../report/per_class.rst",
@@ -42,9 +47,29 @@ rule aggregate:
             caption="../report/per_dataset_class.rst",
             category="Evaluation",
         ),
+        detection=report(
+            "results/evaluation/detection.tsv",
+            caption="../report/detection.rst",
+            category="Evaluation",
+        ),
+        detection_per_dataset=report(
+            "results/evaluation/detection_per_dataset.tsv",
+            caption="../report/detection_per_dataset.rst",
+            category="Evaluation",
+        ),
         plot=report(
             "results/evaluation/dice_per_class.png",
             caption="../report/dice_per_class.rst",
+            category="Evaluation",
+        ),
+        nsd_plot=report(
+            "results/evaluation/nsd_per_class.png",
+            caption="../report/nsd_per_class.rst",
+            category="Evaluation",
+        ),
+        hd95_plot=report(
+            "results/evaluation/hd95_per_class.png",
+            caption="../report/hd95_per_class.rst",
             category="Evaluation",
         ),
         failed=report(
