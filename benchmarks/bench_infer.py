@@ -6,8 +6,10 @@ Run: .venv/bin/python benchmarks/bench_infer.py [--shape 512 512 200] [--spacing
 Setup (not timed): a synthetic CT (an elliptic body of soft tissue with noise, lungs above and air around it,
 int16 HU) is written as .nii.gz; a model with the original U-Net's layers (Models Genesis UNet3D, batch
 statistics; random weights, every class of the class table predicted) is saved twice: as the original's own
-checkpoint (``net`` with ``module.backbone.*`` keys) and converted by ``universal import-checkpoint``, so both
-routes run the same weights, on the original's preprocessing (1.5 mm, -175..250 HU, 96³ windows).
+checkpoint (``net`` with ``module.backbone.*`` keys) and converted by ``universal import-checkpoint``; two U-Nets
+of ours (MONAI blocks; ``unet``: the default widths, ``small``: the demo's) are saved with the original's
+preprocessing (1.5 mm, -175..250 HU, 96³ windows). ``--model`` picks the one every route runs, so all routes run
+the same weights.
 
 Routes, each in its own process (wall time from the process's start of work to its last file; peak RSS):
 
@@ -15,10 +17,9 @@ Routes, each in its own process (wall time from the process's start of work to i
   (RAS), Spacingd (1.5 mm, bilinear), ScaleIntensityRanged, CropForegroundd (HU > -175), then
   ``sliding_window_inference`` (96³, window batch 1, overlap 0.5, Gaussian), sigmoid, threshold 0.5, the largest
   26-connected component of each organ, and per class ``Invertd`` (nearest) and one NIfTI per class;
-- ``ours_original``: ``universal.infer.batch`` on the converted checkpoint: our reader, resampling, float16
-  sliding window over the body (one window per pass, as the batch-statistics U-Net needs), post-processing,
-  mapping back through the probabilities, OME-Zarr and the organ and tumour label maps as NIfTI;
-- ``ours``: the same on our own U-Net (MONAI blocks, random weights, every class; two windows per pass);
+- ``ours``: ``universal.infer.batch``: our reader, resampling, float16 sliding window over the body (two windows
+  per pass; one for the batch-statistics U-Net), post-processing, mapping back through the probabilities,
+  OME-Zarr, per-class statistics and the organ and tumour label maps as NIfTI;
 - ``monai32``: ``ours`` with the sliding window replaced by MONAI's ``sliding_window_inference`` and float32
   probabilities of every class (the inference before :mod:`universal.infer.sliding`), for the memory "before".
 """
@@ -38,7 +39,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-ROUTES = ("original", "ours_original", "ours", "monai32")
+ROUTES = ("original", "ours", "monai32")
+MODELS = {"original": "converted.pt", "unet": "ours.pt", "small": "small.pt"}
 
 
 def write_ct(path: Path, shape: tuple[int, int, int], spacing: tuple[float, float, float], seed: int = 0) -> None:
@@ -78,8 +80,10 @@ def make_checkpoints(work: Path) -> None:
     classes = load_class_table()
     import_original_checkpoint(original, converted, classes)
     ours = ModelConfig(backbone="unet")
-    save_checkpoint(work / "ours.pt", build_model(ours, torch.randn(len(classes), 512)), ours, classes.names,
-                    {"trained_classes": classes.names}, ORIGINAL_PREPROCESSING.to_dict())
+    small = ModelConfig(backbone="unet", features=(16, 16, 32, 64, 128, 16))
+    for name, config in (("ours.pt", ours), ("small.pt", small)):
+        save_checkpoint(work / name, build_model(config, torch.randn(len(classes), 512)), config, classes.names,
+                        {"trained_classes": classes.names}, ORIGINAL_PREPROCESSING.to_dict())
 
 
 def route_ours(ct: Path, checkpoint: Path, out: Path, monai32: bool, device: str) -> None:
@@ -158,13 +162,12 @@ def route_original(ct: Path, checkpoint: Path, out: Path) -> None:
         invert(item)
 
 
-def child(route: str, work: Path, device: str) -> dict:
-    ct, out = work / "ct.nii.gz", work / f"out_{route}_{device}"
+def child(route: str, work: Path, model: str, device: str) -> dict:
+    ct, out, checkpoint = work / "ct.nii.gz", work / f"out_{route}_{model}_{device}", work / MODELS[model]
     began = time.perf_counter()
     if route == "original":
-        route_original(ct, work / "converted.pt", out)
+        route_original(ct, checkpoint, out)
     else:
-        checkpoint = work / ("converted.pt" if route == "ours_original" else "ours.pt")
         route_ours(ct, checkpoint, out, monai32=route == "monai32", device=device)
     return {"seconds": time.perf_counter() - began,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -178,20 +181,22 @@ def main() -> None:
     parser.add_argument("--routes", nargs="+", choices=ROUTES, default=list(ROUTES))
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--child", choices=ROUTES, help=argparse.SUPPRESS)
+    parser.add_argument("--model", choices=tuple(MODELS), default="original")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_infer_"))
     if args.child:
-        print(json.dumps(child(args.child, work, args.device)))
+        print(json.dumps(child(args.child, work, args.model, args.device)))
         return
     work.mkdir(parents=True, exist_ok=True)
     write_ct(work / "ct.nii.gz", tuple(args.shape), tuple(args.spacing))
     make_checkpoints(work)
-    print(f"CT {tuple(args.shape)} at {tuple(args.spacing)} mm; {torch.get_num_threads()} threads; {args.device}\n")
+    print(f"CT {tuple(args.shape)} at {tuple(args.spacing)} mm; model {args.model}; {torch.get_num_threads()} "
+          f"threads; {args.device}\n")
     print("| route | s | peak RSS MiB | files |\n|---|---|---|---|")
     for route in args.routes:
-        result = subprocess.run([sys.executable, __file__, "--child", route, "--work", str(work), "--device",
-                                 args.device], capture_output=True, text=True)
+        result = subprocess.run([sys.executable, __file__, "--child", route, "--work", str(work), "--model",
+                                 args.model, "--device", args.device], capture_output=True, text=True)
         if result.returncode != 0:
             print(f"| {route} | failed: {result.stderr.strip().splitlines()[-1]} | | |", flush=True)
             continue

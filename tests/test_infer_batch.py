@@ -121,3 +121,26 @@ def test_a_class_threshold_in_the_class_table_overrides_the_settings(tmp_path) -
                      "  - {index: 2, name: Liver, kind: organ, colour: [1, 2, 3], postprocess: none}\n")
     classes = load_class_table(table)
     assert class_thresholds(classes, [1, 0], InferenceSettings(threshold=0.6)).tolist() == pytest.approx([0.6, 0.3])
+
+
+def test_a_blank_ct_is_segmented_with_a_warning_naming_it(tmp_path, checkpoint, caplog) -> None:
+    blank = tmp_path / "cts" / "blank.nii.gz"
+    save_nifti(Volume(np.full((24, 24, 24), -1000, np.int16), np.diag([2.0, 2.0, 2.0, 1.0])), blank)
+    with caplog.at_level(logging.WARNING):
+        assert _infer(tmp_path, checkpoint, [Case("set", "blank", blank, None)]) == 0
+    assert f"case blank: {blank} looks blank (HU from -1000 to -1000)" in caplog.text
+
+
+def test_evaluation_lists_failed_cases_and_goes_on(tmp_path, checkpoint, cases, catalog) -> None:
+    """Cases that inference failed, or whose evaluation fails, are listed with the stage and the reason; the
+    others are scored."""
+    from universal.evaluate.metrics import evaluate_predictions
+
+    assert _infer(tmp_path, checkpoint, cases, "--tolerate-failures") == 0
+    labelled = [Case("set", c.case_id, c.image, c.image) for c in cases]  # the CT as a "label": unmapped values
+    written = evaluate_predictions(labelled, catalog["demo_external"], load_class_table(), tmp_path / "out",
+                                   tmp_path / "out" / "batch_0.tsv", tmp_path / "metrics", tmp_path / "failed.tsv")
+    failed = pd.read_csv(tmp_path / "failed.tsv", sep="\t", keep_default_na=False)
+    assert written == [] and failed["case_id"].tolist() == ["good_a", "good_b", "junk"]
+    assert failed["stage"].tolist() == ["evaluate", "evaluate", "infer"]
+    assert "junk.nii.gz" in failed["error"][2]

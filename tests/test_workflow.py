@@ -83,6 +83,17 @@ def test_a_bad_sample_sheet_fails_at_the_start_naming_row_and_column(tmp_path):
     assert "row 3, column image:" in output and "does not exist" in output
 
 
+def test_a_dataset_folder_with_a_space_reaches_the_command_whole(tmp_path):
+    spaced = "resources/demo data"
+    roots = {key: {**value, "root": value["root"].replace("resources/demo", spaced)}
+             for key, value in yaml.safe_load(TEST_CONFIG.read_text())["datasets"].items()}
+    workdir = _deploy(tmp_path, {"demo": {"out": spaced}, "datasets": roots}, base=TEST_CONFIG)
+    result = _snakemake(workdir, "--cores", "1", "results/manifests/demo_msd_spleen.tsv")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    cases = read_manifest(workdir / "results" / "manifests" / "demo_msd_spleen.tsv")
+    assert len(cases) == 2 and all("demo data" in str(case.image) and (workdir / case.image).exists() for case in cases)
+
+
 def test_infer_external_without_a_model_says_it_trains_one(tmp_path):
     workdir = _deploy(tmp_path, {})
     ct = workdir / "ct.nii.gz"
