@@ -23,15 +23,9 @@ from universal.core.classes import load_class_table
 from universal.core.project import CONFIG_DIR
 from universal.core.volume import Volume, load_nifti, save_nifti
 from universal.data.layouts import read_dicom_series
-from universal.infer.dicom_seg import (
-    LOCAL_SCHEME,
-    DicomSegError,
-    dicom_cielab,
-    load_code_table,
-    rgb_to_cielab,
-    write_dicom_seg,
-)
+from universal.infer.dicom_seg import write_dicom_seg
 from universal.infer.ome import predicted_mask
+from universal.infer.seg_codes import LOCAL_SCHEME, DicomSegError, dicom_cielab, load_code_table, rgb_to_cielab
 
 REPO = Path(__file__).resolve().parent.parent
 
