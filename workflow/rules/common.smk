@@ -40,6 +40,7 @@ if _unknown:
     raise ValueError(f"validation datasets {_unknown} are not among the config's datasets {sorted(DATASETS)}")
 VALIDATION_DATASETS = list(VALIDATION["datasets"]) if VALIDATION["every"] > 0 else []
 GPU = 1 if config["device"] == "cuda" else 0
+TRAIN_GPUS = config["train"].get("gpus", 1) * GPU  # GPUs the training job asks for (0 on the CPU)
 TABLE_ARGS = f"--classes {quote(config['classes'])}" + "".join(
     f" --include-class {quote(name)}" for name in config["include_classes"]
 )
@@ -65,7 +66,8 @@ if config["external_samples"]:
 def train_settings():
     """The training options of the config (the `train` section, the device and validation), checked now: an
     unknown key or a value outside a setting's choices fails before any job runs."""
-    settings = {**config["train"], "device": config["device"], **validation_options()}
+    training = {key: value for key, value in config["train"].items() if key != "gpus"}  # the job's, not the loop's
+    settings = {**training, "device": config["device"], **validation_options()}
     train_config_from_options(settings, stores=[], weights=None, embeddings="", classes=None,
                               include_classes=[], out_dir="")
     return settings
@@ -89,6 +91,13 @@ TRAIN_SETTINGS = train_settings()
 wildcard_constraints:
     dataset="|".join(list(DATASETS) + SAMPLE_SHEETS),
     batch=r"\d+",
+
+
+def train_command():
+    """`universal train`, started by torchrun with one process per GPU when the training job has several."""
+    if TRAIN_GPUS > 1:
+        return f"torchrun --standalone --nproc_per_node={TRAIN_GPUS} -m universal.cli train"
+    return "universal train"
 
 
 def dataset_root(wildcards):
