@@ -1,4 +1,5 @@
 # Configuration checks and the small helpers the rules share. Logic lives in the universal package.
+import json
 from pathlib import Path
 from shlex import quote
 
@@ -147,6 +148,19 @@ def embed_arguments():
     if embed.get("weights_file"):
         arguments += f" --weights-file {quote(embed['weights_file'])}"
     return arguments
+
+
+def aggregate_backend():
+    """The aggregate command's options for where dask runs: nothing (a LocalCluster sized from the job), a running
+    scheduler, or a SLURMCluster with the config's options."""
+    dask = config["aggregate"]
+    if dask.get("scheduler") and dask.get("slurm_cluster"):
+        raise ValueError("config aggregate: give either `scheduler` or `slurm_cluster`, not both")
+    if dask.get("scheduler"):
+        return f" --scheduler {quote(str(dask['scheduler']))}"
+    if dask.get("slurm_cluster"):
+        return f" --slurm-cluster {quote(json.dumps(dask['slurm_cluster']))}"
+    return ""
 
 
 def infer_overrides():

@@ -1,4 +1,5 @@
-# Evaluation: Dice per case and class for every labelled external dataset, aggregated by dask into a report.
+# Evaluation: Dice per case and class for every labelled external dataset, aggregated by dask into a report
+# (on a LocalCluster of the aggregate job's threads and memory, or the scheduler or SLURMCluster the config names).
 
 
 rule evaluate:
@@ -57,6 +58,7 @@ rule aggregate:
     params:
         tables=TABLE_ARGS,
         out=lambda wildcards, output: Path(output.per_class).parent,
+        dask=aggregate_backend(),
     conda:
         "../envs/universal.yaml"
     threads: config["aggregate"]["threads"]
@@ -65,4 +67,4 @@ rule aggregate:
         runtime=60,
     shell:
         "universal aggregate {params.tables} --metrics {input.metrics:q} --failures {input.failures:q} "
-        "--out {params.out:q} --threads {threads} > {log:q} 2>&1"
+        "--out {params.out:q} --threads {threads} --memory-mb {resources.mem_mb}{params.dask} > {log:q} 2>&1"
