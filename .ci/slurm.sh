@@ -22,6 +22,7 @@ PARTITION=debug
 PACKAGES=(munge slurm-client slurmctld slurmd slurmdbd mariadb-server)
 MARKER="# Written by universal .ci/slurm.sh"
 SKIP=3
+CHANGED=()  # the config files this run rewrote
 
 say() { echo "slurm: $*"; }
 skip() { say "skipped: $*"; exit "$SKIP"; }
@@ -125,6 +126,8 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 # As on real clusters, a job runs only under an account its user belongs to.
 AccountingStorageEnforce=associations
+# sacct shows the comment the Snakemake plugin gives each job (rule and wildcards).
+AccountingStoreFlags=job_comment
 JobCompType=jobcomp/none
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus Boards=1 SocketsPerBoard=${sockets:-1} CoresPerSocket=${cores:-$cpus} ThreadsPerCore=${threads:-1} RealMemory=$((memory * 9 / 10)) State=UNKNOWN
 PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
@@ -160,6 +163,7 @@ update() {
         install -m "$mode" -o "$owner" -g "$owner" "$tmp" "$target"
         rm -f "$tmp"
         say "wrote $target"
+        CHANGED+=("$target")
     fi
 }
 
@@ -214,6 +218,8 @@ start_slurmctld() {
     if ! scontrol ping 2>/dev/null | grep -q UP; then
         alive "$STATE/run/slurmctld.pid" || { slurmctld; started slurmctld "$STATE/run/slurmctld.pid"; }
         wait_for 30 bash -c 'scontrol ping | grep -q UP' || fail "slurmctld does not answer"
+    elif [[ " ${CHANGED[*]} " == *" /etc/slurm/slurm.conf "* ]]; then
+        scontrol reconfigure && say "running daemons reread /etc/slurm/slurm.conf"
     fi
 }
 
