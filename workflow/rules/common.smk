@@ -8,8 +8,6 @@ from snakemake.utils import validate
 
 from universal.core.classes import load_class_table
 from universal.data.catalog import load_catalog
-from universal.data.samples import read_sample_sheet, sample_sheet_name
-from universal.train.config import train_config_from_options
 
 
 validate(config, schema="../schemas/config.schema.yaml")
@@ -47,10 +45,14 @@ TABLE_ARGS = f"--classes {quote(config['classes'])}" + "".join(
 )
 CATALOG_ARGS = f"{TABLE_ARGS} --catalog {quote(config['catalog'])}"
 
-# A sample sheet of CTs to segment (`snakemake infer_external`), checked row by row now, before any job.
+# A sample sheet of CTs to segment (`snakemake infer_external`), checked row by row now, before any job (its module
+# imports torch: only where a sample sheet is given, which keeps the workflow quick to read in every cluster job).
 SAMPLE_SHEETS = []
 if config["external_samples"]:
-    read_sample_sheet(config["external_samples"])
+    from universal.data.samples import read_sample_sheet, sample_sheet_name
+
+    if workflow.is_main_process:
+        read_sample_sheet(config["external_samples"])
     SAMPLE_SHEETS = [sample_sheet_name(config["external_samples"])]
     if SAMPLE_SHEETS[0] in DATASETS:
         raise ValueError(
@@ -69,8 +71,13 @@ def train_settings():
     unknown key or a value outside a setting's choices fails before any job runs."""
     training = {key: value for key, value in config["train"].items() if key != "gpus"}  # the job's, not the loop's
     settings = {**training, "device": config["device"], **validation_options()}
-    train_config_from_options(settings, stores=[], weights=None, embeddings="", classes=None,
-                              include_classes=[], out_dir="")
+    # Checked by the Snakemake the user started; the Snakemake of each cluster job, which reads the workflow
+    # again, skips the check and the seconds of torch and MONAI imports it costs.
+    if workflow.is_main_process:
+        from universal.train.config import train_config_from_options
+
+        train_config_from_options(settings, stores=[], weights=None, embeddings="", classes=None,
+                                  include_classes=[], out_dir="")
     return settings
 
 
