@@ -10,8 +10,10 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import yaml
@@ -21,7 +23,19 @@ TEST_CONFIG = REPO / ".test" / "config" / "config.yaml"
 SITE_PROFILE = REPO / "profiles" / "slurm" / "profile.v9+.yaml"
 CI_PROFILE = REPO / ".test" / "profiles" / "slurm" / "profile.v9+.yaml"
 FILL_IN = {"FILL_IN_ACCOUNT": "account", "FILL_IN_CPU_PARTITION": "cpu", "FILL_IN_GPU_PARTITION": "gpu"}
-SACCT_FIELDS = ("JobIDRaw", "JobName", "State", "Submit", "Start", "End", "ElapsedRaw", "WorkDir", "Comment")
+SACCT_FIELDS = ("JobIDRaw", "JobName", "State", "Submit", "Start", "End", "ElapsedRaw", "AllocCPUS", "WorkDir",
+                "Comment")
+
+
+class DemoRun(NamedTuple):
+    """A finished local run of the test config: its working directory, the process and its wall time (s)."""
+
+    workdir: Path
+    result: subprocess.CompletedProcess
+    seconds: float
+
+
+_DEMO_RUNS: dict[str, DemoRun] = {}
 
 
 def slurm_problem() -> str | None:
@@ -125,3 +139,14 @@ def seconds(row: dict[str, str], start: str, end: str) -> float:
 
 def log_tail(result: subprocess.CompletedProcess, chars: int = 6000) -> str:
     return result.stdout[-chars:] + "\n--- stderr\n" + result.stderr[-chars:]
+
+
+def local_demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
+    """The workflow run end to end on this machine (``--cores 2``) with the test config, once per test session:
+    the end-to-end test checks it and the Slurm test compares its own run with it."""
+    if "local" not in _DEMO_RUNS:
+        workdir = deploy(tmp_path_factory.mktemp("local_demo_run"), {})
+        started = time.perf_counter()
+        result = snakemake(workdir, "--cores", "2", timeout=1800)
+        _DEMO_RUNS["local"] = DemoRun(workdir, result, time.perf_counter() - started)
+    return _DEMO_RUNS["local"]
