@@ -4,6 +4,9 @@ finished, every case ends with exactly one complete output, and no half-written 
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import subprocess
 import time
 from datetime import datetime, timedelta
@@ -15,7 +18,7 @@ import pytest
 import torch
 from slurm_cluster import CI_PROFILE, deploy, require_slurm, sacct_jobs, seconds, snakemake_command, snakemake_env
 
-from universal.core.atomic import is_partial
+from universal.core.atomic import is_partial, partial_name
 from universal.core.classes import load_class_table
 from universal.core.volume import Volume, save_nifti
 from universal.infer.ome import read_prediction
@@ -72,24 +75,40 @@ def _finished(out: Path, cases: list[str]) -> set[str]:
     return {case for case in cases if (out / f"{case}.ome.zarr").is_dir()}
 
 
+def _half_written(out: Path, cases: list[str]) -> set[str]:
+    """The cases whose prediction is being written now (or was, by a killed job): a temporary-named output."""
+    return {name.split(".")[0] for name in os.listdir(out) if is_partial(name)} & set(cases)
+
+
 def _cancel_a_batch_mid_run(process: subprocess.Popen, workdir: Path, out: Path, batches: list[list[str]],
                             timeout: float = 420) -> tuple[int, set[str], set[str]]:
-    """Wait until a running batch has finished some but not most of its cases, scancel its job, wait until the
-    job is gone, and return (batch, the cases finished by then, the cases with only a half-written output)."""
+    """scancel the job of a running batch that has finished a few of its cases, at a moment when it is writing a
+    prediction if one is seen within its first half; wait until the job is gone and return (batch, the cases
+    finished by then, the cases left half-written).
+
+    Where the kill did not land mid-write, a half-written output is left as a kill mid-write leaves it: the
+    prediction of a finished case copied under the temporary name of the next unfinished one."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
         for batch, job in _running_infer_jobs(workdir).items():
-            done = len(_finished(out, batches[batch]))
-            if 3 <= done <= len(batches[batch]) // 2:
-                subprocess.run(["scancel", job], check=True)
-                while job in subprocess.run(["squeue", "-h", "-j", job, "-o", "%i"], capture_output=True,
-                                            text=True).stdout.split():
-                    time.sleep(0.1)
-                finished = _finished(out, batches[batch])
-                half = {p.name.split(".")[0] for p in out.iterdir() if is_partial(p.name)} & set(batches[batch])
-                print(f"scancel {job} (batch {batch}) with {len(finished)}/{len(batches[batch])} cases finished, "
-                      f"half-written: {sorted(half)}")
-                return batch, finished, half
+            cases = batches[batch]
+            while 3 <= len(_finished(out, cases)) <= len(cases) // 2 and not _half_written(out, cases):
+                time.sleep(0.01)
+            if not 3 <= len(_finished(out, cases)) <= len(cases) // 2 + 1:
+                continue
+            subprocess.run(["scancel", job], check=True)
+            while job in subprocess.run(["squeue", "-h", "-j", job, "-o", "%i"], capture_output=True,
+                                        text=True).stdout.split():
+                time.sleep(0.1)
+            finished, half = _finished(out, cases), _half_written(out, cases)
+            caught = bool(half)
+            if not half:
+                unfinished = next(case for case in cases if case not in finished)
+                shutil.copytree(out / f"{sorted(finished)[0]}.ome.zarr", partial_name(out / f"{unfinished}.ome.zarr"))
+                half = {unfinished}
+            print(f"scancel {job} (batch {batch}) with {len(finished)}/{len(cases)} cases finished; half-written: "
+                  f"{sorted(half)} ({'the kill landed mid-write' if caught else 'left by the test'})")
+            return batch, finished, half
         time.sleep(0.2)
     pytest.fail("no inference batch was seen running with a few of its cases finished")
 
@@ -135,8 +154,12 @@ def test_500_cases_in_batches_on_slurm_survive_a_cancelled_batch(tmp_path: Path)
     predictions = sorted(p.name for p in out.glob("*.ome.zarr"))
     assert predictions == [f"{case}.ome.zarr" for case in case_ids]
     assert not [p.name for p in out.iterdir() if is_partial(p.name)]
-    run_keys = {read_prediction(out / f"{case}.ome.zarr")[3]["run_key"] for case in case_ids[::25]}
+    run_keys = {json.loads((out / f"{case}.ome.zarr" / "zarr.json").read_text())["attributes"]["universal"]["run_key"]
+                for case in case_ids}
     assert len(run_keys) == 1
+    for case in case_ids[::25]:
+        _, organs, _, _ = read_prediction(out / f"{case}.ome.zarr")
+        assert organs.shape == SHAPE
 
     # Each case was computed once: the retry of the cancelled batch skipped what it had finished, and recomputed
     # the rest, the half-written case included; the other batches computed all their cases.
