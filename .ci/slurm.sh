@@ -210,8 +210,12 @@ start_slurmdbd() {
     [[ -n $(sacctmgr -n -P list cluster "$CLUSTER" format=cluster) ]] || sacctmgr -i add cluster "$CLUSTER" >/dev/null
     [[ -n $(sacctmgr -n -P list account "$ACCOUNT" format=account) ]] ||
         sacctmgr -i add account "$ACCOUNT" cluster="$CLUSTER" description="tests" organization=universal >/dev/null
-    [[ -n $(sacctmgr -n -P list user root format=user) && -n $(sacctmgr -n -P list assoc user=root account="$ACCOUNT" format=user) ]] ||
-        sacctmgr -i add user root account="$ACCOUNT" defaultaccount="$ACCOUNT" cluster="$CLUSTER" >/dev/null
+    # root, and the user who ran this through sudo (who then runs the tests), may submit under it.
+    local user
+    for user in root ${SUDO_USER:-}; do
+        [[ -n $(sacctmgr -n -P list assoc user="$user" account="$ACCOUNT" format=user) ]] ||
+            sacctmgr -i add user "$user" account="$ACCOUNT" defaultaccount="$ACCOUNT" cluster="$CLUSTER" >/dev/null
+    done
 }
 
 start_slurmctld() {
