@@ -122,14 +122,30 @@ def snakemake(workdir: Path, *args: str, timeout: int = 1200) -> subprocess.Comp
                           text=True, timeout=timeout)
 
 
-def sacct_jobs(workdir: Path, since: datetime) -> list[dict[str, str]]:
-    """The Slurm jobs submitted from ``workdir`` since ``since`` (allocations only, not steps), as sacct rows."""
-    result = subprocess.run(
-        ["sacct", "-X", "-P", "--delimiter=\t", "-S", since.strftime("%Y-%m-%dT%H:%M:%S"), "-E", "now",
-         f"--format={','.join(SACCT_FIELDS)}"],
-        capture_output=True, text=True, check=True, timeout=60)
-    rows = csv.DictReader(io.StringIO(result.stdout), delimiter="\t", quoting=csv.QUOTE_NONE)
-    return [row for row in rows if Path(row["WorkDir"]).resolve() == workdir.resolve()]
+def sacct_jobs(workdir: Path, since: datetime, expect: set[str] = frozenset(),
+               wait: float = 60) -> list[dict[str, str]]:
+    """The Slurm jobs submitted from ``workdir`` since ``since`` (allocations only, not steps), as sacct rows.
+
+    slurmctld hands a job's records to the accounting daemon a moment after the job changes state, so this waits
+    (up to ``wait`` seconds) until every job id in ``expect`` is there and none is still pending or running."""
+    deadline = time.monotonic() + wait
+    while True:
+        result = subprocess.run(
+            ["sacct", "-X", "-P", "--delimiter=\t", "-S", since.strftime("%Y-%m-%dT%H:%M:%S"), "-E", "now",
+             f"--format={','.join(SACCT_FIELDS)}"],
+            capture_output=True, text=True, check=True, timeout=60)
+        rows = csv.DictReader(io.StringIO(result.stdout), delimiter="\t", quoting=csv.QUOTE_NONE)
+        jobs = [row for row in rows if Path(row["WorkDir"]).resolve() == workdir.resolve()]
+        settled = expect <= {job["JobIDRaw"] for job in jobs} and not any(
+            job["State"] in ("PENDING", "RUNNING", "COMPLETING") for job in jobs)
+        if settled or time.monotonic() > deadline:
+            return jobs
+        time.sleep(1)
+
+
+def submitted_job_ids(snakemake_output: str) -> set[str]:
+    """The Slurm job ids a Snakemake run reports submitting."""
+    return set(re.findall(r"submitted with SLURM jobid (\d+)", snakemake_output))
 
 
 def seconds(row: dict[str, str], start: str, end: str) -> float:

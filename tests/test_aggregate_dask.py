@@ -98,8 +98,17 @@ def test_the_aggregation_runs_on_a_slurm_cluster_of_dask_workers(metrics: Path, 
     print(f"aggregation on a SLURMCluster of 1 worker job: {time.perf_counter() - started:.1f} s")
     expected = _expected_mean_dice(metrics)
     assert per_class.loc["Liver", "dice_mean"] == pytest.approx(expected["Liver"], abs=1e-4)
-    jobs = subprocess.run(["sacct", "-X", "-n", "-P", "-S", began.strftime("%Y-%m-%dT%H:%M:%S"), "--name",
-                           "dask-worker", "--format=JobIDRaw,State,Account,Partition"], capture_output=True,
-                          text=True, check=True).stdout.splitlines()
-    # The worker job ran under the account and partition given; closing the cluster cancels it (scancel).
-    assert jobs and all(row.split("|")[2:] == ["ci", "debug"] for row in jobs), jobs
+    # The worker job ran under the account and partition given (closing the cluster cancels it). Slurm hands the
+    # record to the accounting daemon a moment later: wait for it.
+    deadline = time.monotonic() + 60
+    while not (jobs := _worker_jobs(began)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert jobs and all(job[2:] == ["ci", "debug"] and job[1] != "Unknown" for job in jobs), jobs
+
+
+def _worker_jobs(since: datetime) -> list[list[str]]:
+    """sacct's JobIDRaw, Start, Account and Partition of the dask worker jobs submitted since ``since``."""
+    result = subprocess.run(["sacct", "-X", "-n", "-P", "-S", since.strftime("%Y-%m-%dT%H:%M:%S"), "--name",
+                             "dask-worker", "--format=JobIDRaw,Start,Account,Partition"], capture_output=True,
+                            text=True, check=True)
+    return [line.split("|") for line in result.stdout.splitlines()]

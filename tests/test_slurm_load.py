@@ -16,7 +16,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from slurm_cluster import CI_PROFILE, deploy, require_slurm, sacct_jobs, seconds, snakemake_command, snakemake_env
+from slurm_cluster import (
+    CI_PROFILE,
+    deploy,
+    require_slurm,
+    sacct_jobs,
+    seconds,
+    snakemake_command,
+    snakemake_env,
+    submitted_job_ids,
+)
 
 from universal.core.atomic import is_partial, partial_name
 from universal.core.classes import load_class_table
@@ -174,7 +183,7 @@ def test_500_cases_in_batches_on_slurm_survive_a_cancelled_batch(tmp_path: Path)
             assert set(report["status"]) == {"ok"}, (batch, report)
 
     # sacct: one job per batch COMPLETED, and the cancelled one.
-    jobs = sacct_jobs(workdir, began)
+    jobs = sacct_jobs(workdir, began, expect=submitted_job_ids(output))
     infer = [job for job in jobs if job["Comment"].startswith("rule_infer_")]
     states = sorted(job["State"].split()[0] for job in infer)
     assert states == ["CANCELLED"] + ["COMPLETED"] * BATCHES, (states, output[-3000:])

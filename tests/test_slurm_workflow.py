@@ -4,7 +4,6 @@ asked for the CPUs its rule declares, and the outputs equal those of the same co
 
 from __future__ import annotations
 
-import re
 import time
 from collections import Counter
 from datetime import datetime, timedelta
@@ -14,7 +13,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from slurm_cluster import CI_PROFILE, deploy, local_demo_run, log_tail, require_slurm, sacct_jobs, seconds, snakemake
+from slurm_cluster import (
+    CI_PROFILE,
+    deploy,
+    local_demo_run,
+    log_tail,
+    require_slurm,
+    sacct_jobs,
+    seconds,
+    snakemake,
+    submitted_job_ids,
+)
 
 from universal.infer.ome import read_prediction
 
@@ -42,9 +51,8 @@ def test_the_demo_workflow_on_slurm_equals_the_local_run(tmp_path: Path, tmp_pat
     assert result.returncode == 0, log_tail(result)
 
     # Every job went through Slurm and completed; the jobs asked for the CPUs their rules declare.
-    output = result.stdout + result.stderr
-    submitted = set(re.findall(r"submitted with SLURM jobid (\d+)", output))
-    jobs = sacct_jobs(workdir, began)
+    submitted = submitted_job_ids(result.stdout + result.stderr)
+    jobs = sacct_jobs(workdir, began, expect=submitted)
     assert {job["JobIDRaw"] for job in jobs} == submitted
     assert [job for job in jobs if job["State"] != "COMPLETED"] == []
     assert Counter(_rule(job["Comment"]) for job in jobs) == EXPECTED_JOBS
