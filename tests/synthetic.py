@@ -29,3 +29,21 @@ def write_sphere_case(store: Path, case_id: str, classes, spheres, rng, dataset:
     attrs = {"dataset": dataset, "annotated": list(annotated or [s[0] for s in spheres]), "midline_x_mm": 0.0}
     write_case(store, case_id, Volume(image, affine), Volume(label, affine), attrs)
     open_store(store, mode="a").attrs.update({"class_table_digest": classes.digest(), "class_names": classes.names})
+
+
+def write_tiny_checkpoint(path: Path, spacing_mm: float, trained: list[str] | None = None) -> Path:
+    """A checkpoint of a tiny random U-Net (seed 0) for every class of the default table, recording an isotropic
+    grid of ``spacing_mm``, the -175..250 HU window and 32³ windows; ``trained`` (default all) are predicted."""
+    import torch
+
+    from universal.core.classes import load_class_table
+    from universal.model.network import ModelConfig, build_model, save_checkpoint
+    from universal.model.preprocessing import Preprocessing
+
+    classes = load_class_table()
+    config = ModelConfig(backbone="unet", features=(8, 8, 16, 16, 32, 8))
+    torch.manual_seed(0)
+    model = build_model(config, torch.randn(len(classes), 512))
+    preprocessing = Preprocessing((spacing_mm,) * 3, (-175.0, 250.0), (32, 32, 32)).to_dict()
+    save_checkpoint(path, model, config, classes.names, {"trained_classes": trained or classes.names}, preprocessing)
+    return path

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
+from synthetic import write_tiny_checkpoint
 
 from universal.cli import main
 from universal.core.classes import load_class_table
@@ -17,21 +17,14 @@ from universal.core.volume import Volume, save_nifti
 from universal.data.catalog import Case, write_manifest
 from universal.infer.batch import infer_cases, load_run
 from universal.infer.settings import InferenceSettings, settings_from_checkpoint
-from universal.model.network import ModelConfig, build_model, save_checkpoint
 from universal.model.preprocessing import Preprocessing
 
-TINY_UNET = ModelConfig(backbone="unet", features=(8, 8, 16, 16, 32, 8))
 PREPROCESSING = Preprocessing((4.0, 4.0, 4.0), (-175.0, 250.0), (32, 32, 32)).to_dict()
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    classes = load_class_table()
-    torch.manual_seed(0)
-    model = build_model(TINY_UNET, torch.randn(len(classes), 512))
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    save_checkpoint(path, model, TINY_UNET, classes.names, {"trained_classes": ["Liver", "Spleen"]}, PREPROCESSING)
-    return path
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("model") / "model.pt", 4.0, ["Liver", "Spleen"])
 
 
 @pytest.fixture

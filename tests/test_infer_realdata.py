@@ -12,7 +12,7 @@ import pandas as pd
 import pydicom
 import pytest
 import SimpleITK as sitk
-import torch
+from synthetic import write_tiny_checkpoint
 
 from universal.core.classes import load_class_table
 from universal.core.volume import Volume, load_nifti, resample
@@ -23,22 +23,12 @@ from universal.infer.batch import infer_cases, load_run
 from universal.infer.ome import predicted_mask, read_prediction
 from universal.infer.settings import InferenceSettings
 from universal.infer.source_grid import label_map_on_source_grid
-from universal.model.network import ModelConfig, build_model, save_checkpoint
-from universal.model.preprocessing import Preprocessing
-
-TINY_UNET = ModelConfig(backbone="unet", features=(8, 8, 16, 16, 32, 8))
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A tiny random U-Net predicting every class on a 3 mm grid; its bias is raised so that it marks voxels."""
-    classes = load_class_table()
-    torch.manual_seed(0)
-    model = build_model(TINY_UNET, torch.randn(len(classes), 512))
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    save_checkpoint(path, model, TINY_UNET, classes.names, {"trained_classes": classes.names},
-                    Preprocessing((3.0, 3.0, 3.0), (-175.0, 250.0), (32, 32, 32)).to_dict())
-    return path
+    """A tiny random U-Net predicting every class on a 3 mm grid."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("model") / "model.pt", 3.0)
 
 
 def _predict(tmp_path: Path, checkpoint: Path, cases: list[Case], **settings) -> list:

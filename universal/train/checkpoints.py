@@ -164,7 +164,8 @@ def init_from_checkpoint(model: UniversalModel, path: str | Path, model_config: 
 
 
 def save_resumable(out_dir: Path, step: int, model: UniversalModel, optimizer: torch.optim.Optimizer,
-                    config: TrainConfig, classes: ClassTable, world_size: int, init: dict | None) -> None:
+                    config: TrainConfig, classes: ClassTable, world_size: int, init: dict | None,
+                    preprocessing: dict) -> None:
     """Write ``checkpoints/step_<step>.pt`` and delete all but the newest ``keep_checkpoints``."""
     extra = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(),
              "sampler": {"next_step": step, "batch_size": config.batch_size, "seed": config.seed,
@@ -173,20 +174,20 @@ def save_resumable(out_dir: Path, step: int, model: UniversalModel, optimizer: t
     if init is not None:
         extra["init"] = init
     save_checkpoint(checkpoint_path(out_dir, step), model, config.model, classes.names, extra,
-                    training_preprocessing(config))
+                    preprocessing)
     for old in sorted((out_dir / "checkpoints").glob("step_*.pt"))[:-config.keep_checkpoints]:
         old.unlink()
 
 
 def save_final(path: Path, model: UniversalModel, config: TrainConfig, classes: ClassTable, step: int,
-               trained: list[str], init: dict | None) -> None:
+               trained: list[str], init: dict | None, preprocessing: dict) -> None:
     """Write ``final.pt``: the model and its metadata, no optimizer state (``extra``: step, train config, class
     table digest, trained classes and, when fine-tuned, the init checkpoint's provenance)."""
     extra = {"step": step, "train_config": config.to_dict(), "class_table_digest": classes.digest(),
              "trained_classes": trained}
     if init is not None:
         extra["init"] = init
-    save_checkpoint(path, model, config.model, classes.names, extra, training_preprocessing(config))
+    save_checkpoint(path, model, config.model, classes.names, extra, preprocessing)
 
 
 def log_start(config: TrainConfig, resume: Path | None, extra: dict, world_size: int) -> None:

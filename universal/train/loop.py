@@ -23,7 +23,14 @@ from universal.core.atomic import disk_full_error
 from universal.core.classes import ClassTable, load_class_table
 from universal.core.tsv import write_tsv
 from universal.data.store import check_class_table
-from universal.train.checkpoints import latest_checkpoint, log_start, prepare_model, save_final, save_resumable
+from universal.train.checkpoints import (
+    latest_checkpoint,
+    log_start,
+    prepare_model,
+    save_final,
+    save_resumable,
+    training_preprocessing,
+)
 from universal.train.config import TrainConfig, autocast_dtype, lr_at_step
 from universal.train.cpu_bf16 import check_bf16_training_on_cpu
 from universal.train.distributed import (
@@ -155,6 +162,7 @@ def _train(config: TrainConfig, env: DistributedEnv, device: torch.device) -> Pa
         model, device_ids=[device.index] if device.type == "cuda" else None)
     dataset = PatchDataset(config.stores, classes, config.patches, config.weights, config.seed)
     manifest = dataset.sampling_table() if main else []  # one pass over the cases' attributes, rank 0 only
+    preprocessing = training_preprocessing(config) if main else {}  # what every checkpoint records, read once
     if main:
         write_tsv(out_dir / MANIFEST_NAME, list(manifest[0]), (row.values() for row in manifest))
     trained = from_rank0(trained_classes(manifest, classes, init), world_size)  # every rank runs the same heads
@@ -186,7 +194,7 @@ def _train(config: TrainConfig, env: DistributedEnv, device: torch.device) -> Pa
             if validating and ((step + 1) % config.val_every == 0 or done):
                 write_val_rows(val_log, validate(model, config, classes, device, step + 1, trained), step + 1)
             if main and ((step + 1) % config.checkpoint_every == 0 or done):
-                save_resumable(out_dir, step + 1, model, optimizer, config, classes, world_size, init)
+                save_resumable(out_dir, step + 1, model, optimizer, config, classes, world_size, init, preprocessing)
     except OSError as err:  # a log write on a full disk (checkpoints name their own file)
         if (full := disk_full_error(err, out_dir / TRAIN_LOG_NAME, "the checkpoints written so far are kept and "
                                     "a rerun resumes from the newest")) is None:
@@ -198,7 +206,7 @@ def _train(config: TrainConfig, env: DistributedEnv, device: torch.device) -> Pa
         del batches
     final = out_dir / "final.pt"
     if main:
-        save_final(final, model, config, classes, max(start, config.steps), trained, init)
+        save_final(final, model, config, classes, max(start, config.steps), trained, init, preprocessing)
     if world_size > 1:
         dist.barrier()  # final.pt exists on every rank's return
     return final
