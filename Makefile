@@ -27,7 +27,7 @@ report: $(STAMP)
 	$(BIN)/snakemake --report report.html
 
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -rs
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from slurm_cluster import local_demo_run
 
 from universal.core.volume import load_nifti
 from universal.data.catalog import read_manifest
@@ -120,9 +121,8 @@ def test_ruff_is_clean():
 
 
 @pytest.mark.slow
-def test_demo_workflow_end_to_end(tmp_path, classes, shared_data):
-    workdir = _deploy(tmp_path, {}, base=TEST_CONFIG)
-    result = _snakemake(workdir, "--cores", "2")
+def test_demo_workflow_end_to_end(tmp_path_factory, classes, shared_data):
+    workdir, result, _ = local_demo_run(tmp_path_factory)  # the run the Slurm test compares with, made once
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     results = workdir / "results"
     for dataset in ("demo_msd_liver", "demo_msd_spleen", "demo_btcv", "demo_kits"):

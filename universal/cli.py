@@ -188,7 +188,11 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
 
     classes = _classes(args)
     paths = sorted(p for folder in args.metrics for p in Path(folder).glob("*.tsv"))
-    outputs = aggregate(paths, classes, args.out, threads=args.threads, failures=args.failures)
+    slurm_cluster = yaml.safe_load(args.slurm_cluster) if args.slurm_cluster else None
+    if slurm_cluster is not None and not isinstance(slurm_cluster, dict):
+        raise ValueError(f"--slurm-cluster: expected a mapping of SLURMCluster options, got {args.slurm_cluster!r}")
+    outputs = aggregate(paths, classes, args.out, threads=args.threads, failures=args.failures,
+                        memory_mb=args.memory_mb, scheduler=args.scheduler, slurm_cluster=slurm_cluster)
     log.info("%d case tables -> %s", len(paths), ", ".join(str(p) for p in outputs.values()))
 
 
@@ -338,7 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", type=Path, nargs="+", required=True, help="folders of per-case metric TSVs")
     p.add_argument("--failures", type=Path, nargs="*", default=[], help="failure lists of the evaluation batches")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="worker processes of the local dask cluster")
+    p.add_argument("--memory-mb", type=int, default=None,
+                   help="memory the local dask cluster's workers share (default: dask's share of the machine)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", default=None,
+                       help="use a running dask scheduler instead: its address (tcp://host:8786) or scheduler file")
+    where.add_argument("--slurm-cluster", default=None, metavar="YAML",
+                       help="start a dask-jobqueue SLURMCluster instead, with these options as a YAML mapping, "
+                            "e.g. '{jobs: 4, cores: 8, memory: 32GB, queue: cpu, account: lab, walltime: 01:00:00}'")
     p.set_defaults(func=cmd_aggregate)
     return parser
 

@@ -2,9 +2,16 @@
 plots.
 
 Per-case tables (TSV, one row per class: see :mod:`universal.evaluate.metrics`) are read lazily by a dask dataframe,
-a batch of files per partition, so thousands of cases aggregate in parallel on the cores the rule was given (a local
-threaded scheduler by default; pass a ``scheduler`` address to use an existing dask cluster). The frame is read
-once, kept in memory (``persist``), and every table is computed from it in one ``dask.compute``.
+a batch of files per partition, so thousands of cases aggregate in parallel. The frame is read once, kept in the
+workers' memory (``persist``), and every table is computed from it in one ``dask.compute``. Where the work runs
+(:func:`dask_client`):
+
+- by default a ``distributed.LocalCluster`` sized from the job: one single-threaded worker process per thread the
+  rule was given, sharing the job's memory (``mem_mb``), so dask stays inside what Slurm granted;
+- ``scheduler``: an existing dask scheduler, by address (``tcp://host:8786``) or scheduler file (the JSON file
+  ``dask scheduler --scheduler-file`` or ``dask-mpi`` write);
+- ``slurm_cluster``: a dask-jobqueue ``SLURMCluster`` this process starts (its worker jobs are submitted to Slurm
+  beside Snakemake's own, outside its job limits: meant for interactive analysis of large evaluations).
 
 Summaries leave NaN out: a class a case does not annotate, or absent from both prediction and ground truth, counts
 in no Dice, NSD or HD95 statistic. HD95 is summarised by its median and the number of infinite values (prediction or
@@ -18,7 +25,11 @@ no case to count.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import dask
 import dask.dataframe as dd
@@ -33,6 +44,12 @@ from universal.evaluate.metrics import FAILURE_COLUMNS, METRIC_COLUMNS
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+if TYPE_CHECKING:
+    from dask_jobqueue import SLURMCluster
+    from distributed import Client
+
+log = logging.getLogger(__name__)
+
 METRIC_DTYPES = {"dataset": str, "case_id": str, "class": str, "kind": str, "predicted": bool, "annotated": bool,
                  "dice": "float64", "nsd": "float64", "nsd_tolerance_mm": "float64", "hd95_mm": "float64",
                  "gt_ml": "float64", "pred_ml": "float64"}
@@ -45,6 +62,66 @@ BY_CLASS = ["class", "kind", "predicted", "nsd_tolerance_mm"]
 FILES_PER_PARTITION = 256
 PLOTS = {"dice": ("dice_per_class", "Dice", (0.0, 1.0)), "nsd": ("nsd_per_class", "NSD", (0.0, 1.0)),
          "hd95_mm": ("hd95_per_class", "HD95 (mm)", None)}
+WORKER_WAIT_SECONDS = 600  # how long a SLURMCluster may take to get its first worker job running
+
+
+@contextmanager
+def dask_client(threads: int = 1, memory_mb: int | None = None, scheduler: str | Path | None = None,
+                slurm_cluster: dict[str, Any] | None = None) -> Iterator[Client]:
+    """A dask ``Client`` for the aggregation, closed (with any cluster it started) on exit.
+
+    ``scheduler``: connect to a running scheduler, given as the path of a scheduler file if such a file exists,
+    else as an address. ``slurm_cluster``: start a dask-jobqueue ``SLURMCluster`` with these options (``jobs``:
+    how many worker jobs, default 1; every other key goes to ``SLURMCluster``: ``cores``, ``memory``, ``queue``,
+    ``account``, ``walltime``, ``job_extra_directives``, ...) and wait for its first worker. Neither: a
+    ``LocalCluster`` of ``threads`` single-threaded worker processes that share ``memory_mb`` (default: dask's
+    share of the machine's memory).
+    """
+    from distributed import Client, LocalCluster
+
+    if scheduler and slurm_cluster is not None:
+        raise ValueError("give either a dask scheduler to connect to or SLURMCluster options, not both")
+    cluster = None
+    if scheduler:
+        scheduler = str(scheduler)
+        client = Client(scheduler_file=scheduler) if Path(scheduler).is_file() else Client(scheduler)
+        log.info("dask: connected to the scheduler at %s", client.scheduler.address)
+    elif slurm_cluster is not None:
+        cluster = start_slurm_cluster(slurm_cluster)
+        client = Client(cluster)
+        client.wait_for_workers(1, timeout=WORKER_WAIT_SECONDS)
+    else:
+        workers = max(1, threads)
+        memory = f"{memory_mb // workers}MiB" if memory_mb else "auto"
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit=memory,
+                               dashboard_address=None)
+        client = Client(cluster)
+        log.info("dask: a local cluster of %d worker processes, memory limit %s each", workers, memory)
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def start_slurm_cluster(options: dict[str, Any]) -> SLURMCluster:
+    """A dask-jobqueue ``SLURMCluster`` scaled to ``options["jobs"]`` worker jobs (default 1); the other options
+    are ``SLURMCluster``'s (``cores`` and ``memory`` of one job are required). dask-jobqueue is imported here
+    only: install it with ``pip install 'universal[slurm]'``."""
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError as err:
+        raise ValueError("slurm_cluster needs dask-jobqueue: pip install 'universal[slurm]'") from err
+    settings = dict(options)
+    jobs = int(settings.pop("jobs", 1))
+    missing = [key for key in ("cores", "memory") if key not in settings]
+    if missing:
+        raise ValueError(f"slurm_cluster options miss {missing} (the cores and memory of one worker job)")
+    cluster = SLURMCluster(**settings)
+    cluster.scale(jobs=jobs)
+    log.info("dask: a SLURMCluster of %d worker jobs; job script:\n%s", jobs, cluster.job_script())
+    return cluster
 
 
 def read_metrics(paths: list[str | Path]) -> dd.DataFrame:
@@ -114,14 +191,17 @@ def _detection_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def aggregate(paths: list[str | Path], classes: ClassTable, out_dir: str | Path, threads: int = 1,
-              failures: list[str | Path] = ()) -> dict[str, Path]:
+              failures: list[str | Path] = (), memory_mb: int | None = None, scheduler: str | Path | None = None,
+              slurm_cluster: dict[str, Any] | None = None) -> dict[str, Path]:
     """Write into ``out_dir``: per_case, per_class, per_dataset_class, detection and detection_per_dataset tables
     (each .tsv and .parquet), box plots per class of Dice, NSD and HD95 (.png), and failed_cases.tsv (the
     evaluation batches' failure lists joined: the cases that could not be scored, with the stage and reason).
-    Returns the paths by key (the table names, ``{table}_parquet``, the plot names and ``failed``)."""
+    The dask work runs where :func:`dask_client` says (``threads``, ``memory_mb``, ``scheduler``,
+    ``slurm_cluster``). Returns the paths by key (the table names, ``{table}_parquet``, the plot names and
+    ``failed``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with dask.config.set(scheduler="threads", num_workers=max(1, threads)):
+    with dask_client(threads, memory_mb, scheduler, slurm_cluster):
         frame = read_metrics(paths).persist()
         (computed,) = dask.compute({
             "per_case": frame[list(METRIC_COLUMNS)], "per_class": summary(frame, BY_CLASS),

@@ -1,4 +1,5 @@
 # Configuration checks and the small helpers the rules share. Logic lives in the universal package.
+import json
 from pathlib import Path
 from shlex import quote
 
@@ -7,8 +8,6 @@ from snakemake.utils import validate
 
 from universal.core.classes import load_class_table
 from universal.data.catalog import load_catalog
-from universal.data.samples import read_sample_sheet, sample_sheet_name
-from universal.train.config import train_config_from_options
 
 
 validate(config, schema="../schemas/config.schema.yaml")
@@ -40,15 +39,20 @@ if _unknown:
     raise ValueError(f"validation datasets {_unknown} are not among the config's datasets {sorted(DATASETS)}")
 VALIDATION_DATASETS = list(VALIDATION["datasets"]) if VALIDATION["every"] > 0 else []
 GPU = 1 if config["device"] == "cuda" else 0
+TRAIN_GPUS = config["train"].get("gpus", 1) * GPU  # GPUs the training job asks for (0 on the CPU)
 TABLE_ARGS = f"--classes {quote(config['classes'])}" + "".join(
     f" --include-class {quote(name)}" for name in config["include_classes"]
 )
 CATALOG_ARGS = f"{TABLE_ARGS} --catalog {quote(config['catalog'])}"
 
-# A sample sheet of CTs to segment (`snakemake infer_external`), checked row by row now, before any job.
+# A sample sheet of CTs to segment (`snakemake infer_external`), checked row by row now, before any job (its module
+# imports torch: only where a sample sheet is given, which keeps the workflow quick to read in every cluster job).
 SAMPLE_SHEETS = []
 if config["external_samples"]:
-    read_sample_sheet(config["external_samples"])
+    from universal.data.samples import read_sample_sheet, sample_sheet_name
+
+    if workflow.is_main_process:
+        read_sample_sheet(config["external_samples"])
     SAMPLE_SHEETS = [sample_sheet_name(config["external_samples"])]
     if SAMPLE_SHEETS[0] in DATASETS:
         raise ValueError(
@@ -65,9 +69,15 @@ if config["external_samples"]:
 def train_settings():
     """The training options of the config (the `train` section, the device and validation), checked now: an
     unknown key or a value outside a setting's choices fails before any job runs."""
-    settings = {**config["train"], "device": config["device"], **validation_options()}
-    train_config_from_options(settings, stores=[], weights=None, embeddings="", classes=None,
-                              include_classes=[], out_dir="")
+    training = {key: value for key, value in config["train"].items() if key != "gpus"}  # the job's, not the loop's
+    settings = {**training, "device": config["device"], **validation_options()}
+    # Checked by the Snakemake the user started; the Snakemake of each cluster job, which reads the workflow
+    # again, skips the check and the seconds of torch and MONAI imports it costs.
+    if workflow.is_main_process:
+        from universal.train.config import train_config_from_options
+
+        train_config_from_options(settings, stores=[], weights=None, embeddings="", classes=None,
+                                  include_classes=[], out_dir="")
     return settings
 
 
@@ -89,6 +99,13 @@ TRAIN_SETTINGS = train_settings()
 wildcard_constraints:
     dataset="|".join(list(DATASETS) + SAMPLE_SHEETS),
     batch=r"\d+",
+
+
+def train_command():
+    """`universal train`, started by torchrun with one process per GPU when the training job has several."""
+    if TRAIN_GPUS > 1:
+        return f"torchrun --standalone --nproc_per_node={TRAIN_GPUS} -m universal.cli train"
+    return "universal train"
 
 
 def dataset_root(wildcards):
@@ -138,6 +155,19 @@ def embed_arguments():
     if embed.get("weights_file"):
         arguments += f" --weights-file {quote(embed['weights_file'])}"
     return arguments
+
+
+def aggregate_backend():
+    """The aggregate command's options for where dask runs: nothing (a LocalCluster sized from the job), a running
+    scheduler, or a SLURMCluster with the config's options."""
+    dask = config["aggregate"]
+    if dask.get("scheduler") and dask.get("slurm_cluster"):
+        raise ValueError("config aggregate: give either `scheduler` or `slurm_cluster`, not both")
+    if dask.get("scheduler"):
+        return f" --scheduler {quote(str(dask['scheduler']))}"
+    if dask.get("slurm_cluster"):
+        return f" --slurm-cluster {quote(json.dumps(dask['slurm_cluster']))}"
+    return ""
 
 
 def infer_overrides():

@@ -1,5 +1,6 @@
 # Evaluation: Dice, NSD and HD95 per case and class for every labelled external dataset, and tumour detection,
-# aggregated by dask into tables (TSV and Parquet), box plots and the report.
+# aggregated by dask into tables (TSV and Parquet), box plots and the report (on a LocalCluster of the aggregate
+# job's threads and memory, or the scheduler or SLURMCluster the config names).
 
 
 rule evaluate:
@@ -82,6 +83,7 @@ rule aggregate:
     params:
         tables=TABLE_ARGS,
         out=lambda wildcards, output: Path(output.per_class).parent,
+        dask=aggregate_backend(),
     conda:
         "../envs/universal.yaml"
     threads: config["aggregate"]["threads"]
@@ -90,4 +92,4 @@ rule aggregate:
         runtime=60,
     shell:
         "universal aggregate {params.tables} --metrics {input.metrics:q} --failures {input.failures:q} "
-        "--out {params.out:q} --threads {threads} > {log:q} 2>&1"
+        "--out {params.out:q} --threads {threads} --memory-mb {resources.mem_mb}{params.dask} > {log:q} 2>&1"

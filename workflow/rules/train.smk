@@ -1,4 +1,5 @@
-# Train the universal model on the zarr stores of the training datasets (torchrun/DDP inside the job on GPUs).
+# Train the universal model on the zarr stores of the training datasets: one process on the CPU or one GPU, torchrun
+# with one process per GPU (DDP) when the config gives the job several (train.gpus with device cuda).
 
 
 localrules:
@@ -34,14 +35,15 @@ rule train:
         tables=TABLE_ARGS,
         weights=" ".join(str(DATASETS[d].get("weight", 1.0)) for d in TRAIN_DATASETS),
         out_dir=lambda wildcards, output: Path(output.checkpoint).parent,
+        command=train_command(),
     conda:
         "../envs/universal.yaml"
-    threads: 2
+    threads: 2 * max(1, TRAIN_GPUS)
     resources:
-        mem_mb=16000,
+        mem_mb=16000 * max(1, TRAIN_GPUS),
         runtime=24 * 60,
-        gpu=GPU,
+        gpu=TRAIN_GPUS,
     shell:
-        "universal train {params.tables} --stores {input.stores:q} --weights {params.weights} "
+        "{params.command} {params.tables} --stores {input.stores:q} --weights {params.weights} "
         "--embeddings {input.embeddings:q} --settings {input.settings:q} --out-dir {params.out_dir:q} "
         "> {log:q} 2>&1"
