@@ -61,8 +61,8 @@ def test_the_aggregation_runs_on_a_scheduler_the_user_started(metrics: Path, tmp
 def test_the_default_cluster_is_sized_from_the_jobs_threads_and_memory() -> None:
     with dask_client(threads=2, memory_mb=3000) as client:
         workers = client.scheduler_info()["workers"].values()
-        assert sorted(w["nthreads"] for w in workers) == [1, 1]  # one single-threaded process per thread
-        assert all(w["memory_limit"] == 1500 * 2**20 for w in workers)  # the job's memory shared
+        assert [w["nthreads"] for w in workers] == [2]  # one worker, a thread per thread of the job
+        assert [w["memory_limit"] for w in workers] == [3000 * 2**20]  # the job's memory
 
 
 def test_one_backend_at_a_time(metrics: Path, tmp_path: Path) -> None:

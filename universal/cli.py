@@ -342,9 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", type=Path, nargs="+", required=True, help="folders of per-case metric TSVs")
     p.add_argument("--failures", type=Path, nargs="*", default=[], help="failure lists of the evaluation batches")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--threads", type=int, default=1, help="worker processes of the local dask cluster")
+    p.add_argument("--threads", type=int, default=1, help="threads of the local dask cluster's worker")
     p.add_argument("--memory-mb", type=int, default=None,
-                   help="memory the local dask cluster's workers share (default: dask's share of the machine)")
+                   help="memory limit of the local dask cluster's worker (default: dask's share of the machine)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--scheduler", default=None,
                        help="use a running dask scheduler instead: its address (tcp://host:8786) or scheduler file")

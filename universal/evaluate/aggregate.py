@@ -6,8 +6,9 @@ a batch of files per partition, so thousands of cases aggregate in parallel. The
 workers' memory (``persist``), and every table is computed from it in one ``dask.compute``. Where the work runs
 (:func:`dask_client`):
 
-- by default a ``distributed.LocalCluster`` sized from the job: one single-threaded worker process per thread the
-  rule was given, sharing the job's memory (``mem_mb``), so dask stays inside what Slurm granted;
+- by default a ``distributed.LocalCluster`` sized from the job: one worker inside this process with a thread per
+  thread the rule was given and the job's memory (``mem_mb``) as its limit, so dask stays inside what Slurm
+  granted (worker processes took twice as long: ``benchmarks/bench_aggregate.py``);
 - ``scheduler``: an existing dask scheduler, by address (``tcp://host:8786``) or scheduler file (the JSON file
   ``dask scheduler --scheduler-file`` or ``dask-mpi`` write);
 - ``slurm_cluster``: a dask-jobqueue ``SLURMCluster`` this process starts (its worker jobs are submitted to Slurm
@@ -74,7 +75,7 @@ def dask_client(threads: int = 1, memory_mb: int | None = None, scheduler: str |
     else as an address. ``slurm_cluster``: start a dask-jobqueue ``SLURMCluster`` with these options (``jobs``:
     how many worker jobs, default 1; every other key goes to ``SLURMCluster``: ``cores``, ``memory``, ``queue``,
     ``account``, ``walltime``, ``job_extra_directives``, ...) and wait for its first worker. Neither: a
-    ``LocalCluster`` of ``threads`` single-threaded worker processes that share ``memory_mb`` (default: dask's
+    ``LocalCluster`` of one worker in this process with ``threads`` threads and ``memory_mb`` (default: dask's
     share of the machine's memory).
     """
     from distributed import Client, LocalCluster
@@ -91,12 +92,12 @@ def dask_client(threads: int = 1, memory_mb: int | None = None, scheduler: str |
         client = Client(cluster)
         client.wait_for_workers(1, timeout=WORKER_WAIT_SECONDS)
     else:
-        workers = max(1, threads)
-        memory = f"{memory_mb // workers}MiB" if memory_mb else "auto"
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit=memory,
-                               dashboard_address=None)
+        memory = f"{memory_mb}MiB" if memory_mb else "auto"
+        cluster = LocalCluster(n_workers=1, threads_per_worker=max(1, threads), processes=False,
+                               memory_limit=memory, dashboard_address=None)
         client = Client(cluster)
-        log.info("dask: a local cluster of %d worker processes, memory limit %s each", workers, memory)
+        log.info("dask: a local cluster of one worker of %d threads in this process, memory limit %s",
+                 max(1, threads), memory)
     try:
         yield client
     finally:
