@@ -137,3 +137,23 @@ def test_evaluation_lists_failed_cases_and_goes_on(tmp_path, checkpoint, cases, 
     assert written == [] and failed["case_id"].tolist() == ["good_a", "good_b", "junk"]
     assert failed["stage"].tolist() == ["evaluate", "evaluate", "infer"]
     assert "junk.nii.gz" in failed["error"][2]
+
+
+def test_probabilities_on_request_are_the_model_grid_s_quantised(tmp_path, checkpoint, cases) -> None:
+    from universal.core.volume import resample
+    from universal.data.images import read_ct
+    from universal.infer.ome import read_probabilities
+    from universal.infer.predict import predict_on_grid
+
+    assert _infer(tmp_path, checkpoint, cases[:1], "--probabilities") == 0
+    stored = read_probabilities(tmp_path / "out" / "good_a.ome.zarr")
+    assert stored.names == ["Liver", "Spleen"]  # the classes the checkpoint predicts, in class-table order
+    assert stored.array.shape == (2, 20, 18, 15) and stored.array.dtype == np.uint8  # 40×36×30 of 2 mm at 4 mm
+    assert np.allclose(stored.grid, np.diag([4.0, 4.0, 4.0, 1.0]))  # the CT's origin, the model's spacing
+    classes = load_class_table()
+    run = load_run(checkpoint, classes, InferenceSettings())
+    grid = resample(read_ct(cases[0].image), run.settings.spacing, 1)
+    expected = predict_on_grid(run.model, grid, classes, run.settings, run.predicted).probabilities
+    assert np.array_equal(stored.array, np.rint(expected.astype(np.float32) * 255).astype(np.uint8))
+    _infer(tmp_path, checkpoint, cases[1:2])
+    assert read_probabilities(tmp_path / "out" / "good_b.ome.zarr") is None  # not asked for: not written

@@ -155,7 +155,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     chosen = select_batch(read_manifest(args.manifest), args.batch, args.batches)
     base = InferenceSettings(overlap=args.overlap, sw_batch_size=args.sw_batch_size, threshold=args.threshold,
                              device=args.device, export_nifti=args.nifti,
-                             export_dicom_seg=args.dicom_seg, mirror=args.mirror)
+                             export_dicom_seg=args.dicom_seg, export_probabilities=args.probabilities,
+                             mirror=args.mirror)
     run = load_run(args.checkpoint, classes, base, spacing=_tuple(args.spacing), window_hu=_tuple(args.window),
                    roi=_tuple(args.roi))
     outcomes = infer_cases(chosen, run, classes, args.out, args.report)
@@ -319,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nifti", action="store_true", help="also write organ and tumour label maps as NIfTI")
     p.add_argument("--dicom-seg", action="store_true",
                    help="for a DICOM series input, also write a DICOM-SEG referencing the series")
+    p.add_argument("--probabilities", action="store_true",
+                   help="keep each predicted class's probabilities (uint8 steps of 1/255, model grid) in the OME-Zarr")
     p.add_argument("--mirror", action="store_true",
                    help="test-time augmentation: average with a left-right mirrored pass (lateral classes swapped)")
     p.add_argument("--tolerate-failures", action="store_true",

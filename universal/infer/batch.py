@@ -1,6 +1,7 @@
 """A batch of inference: load the model once, predict every case into its own files, report each case on one line.
 
-Outputs in ``out_dir`` per case: ``<case_id>.ome.zarr`` (:mod:`universal.infer.ome`), ``<case_id>.statistics.tsv``
+Outputs in ``out_dir`` per case: ``<case_id>.ome.zarr`` (:mod:`universal.infer.ome`; with ``export_probabilities``
+also the per-class probabilities on the model grid), ``<case_id>.statistics.tsv``
 (per class: volume in mL, mean and median HU), with ``export_nifti`` ``<case_id>_organs.nii.gz`` and
 ``<case_id>_tumours.nii.gz`` in the input file's own geometry, and with ``export_dicom_seg`` for a DICOM series
 input ``<case_id>.seg.dcm`` referencing that series (:mod:`universal.infer.dicom_seg`). Each is written under a
@@ -148,7 +149,8 @@ def _infer_case(case: Case, run: BatchRun, classes: ClassTable, out_dir: Path) -
     attrs = prediction_attrs(case, run.checkpoint, run.run_key, run.settings, classes, run.predicted,
                              prediction.midline_x_mm, source_affine)
     hu = np.clip(np.rint(image.array), -32768, 32767).astype(np.int16)
-    write_prediction(outputs[0], Volume(hu, image.affine), prediction.organs, prediction.tumours, classes, attrs)
+    write_prediction(outputs[0], Volume(hu, image.affine), prediction.organs, prediction.tumours, classes, attrs,
+                     prediction.probabilities)
     write_tsv(outputs[1], STATISTICS_COLUMNS, class_statistics(image, prediction.organs, prediction.tumours, classes))
     if run.settings.export_nifti:
         for group, labels in zip(LABEL_GROUPS, (prediction.organs, prediction.tumours), strict=True):

@@ -13,6 +13,7 @@ from universal.core.classes import ClassTable
 from universal.core.intensity import window
 from universal.core.sides import body_midline_x_mm
 from universal.core.volume import Volume, resample
+from universal.infer.ome import GridProbabilities
 from universal.infer.postprocess import postprocess_masks
 from universal.infer.settings import InferenceSettings
 from universal.infer.sliding import predict_logits
@@ -23,13 +24,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CasePrediction:
-    """Organ and tumour label maps (uint8, universal values) on the input's RAS grid, and the probability maps'
-    mid-line used for side decisions."""
+    """Organ and tumour label maps (uint8, universal values) on the input's RAS grid, the probability maps'
+    mid-line used for side decisions, and the computed classes' probabilities on the model grid when
+    ``export_probabilities`` asked for them."""
 
     image: Volume
     organs: np.ndarray
     tumours: np.ndarray
     midline_x_mm: float
+    probabilities: GridProbabilities | None = None
 
 
 @dataclass
@@ -94,4 +97,6 @@ def predict_volume(model: torch.nn.Module, image: Volume, classes: ClassTable, s
         maps.append(label_map_on_source_grid(on_grid.masks, on_grid.probabilities, [k for k, _ in computed],
                                              [c.index for _, c in computed], grid.spacing, image.shape,
                                              image.spacing, [float(thresholds[k]) for k, _ in computed]))
-    return CasePrediction(image, maps[0], maps[1], on_grid.midline_x_mm)
+    probabilities = GridProbabilities([classes.names[c] for c in on_grid.channels], on_grid.probabilities,
+                                      grid.affine) if settings.export_probabilities else None
+    return CasePrediction(image, maps[0], maps[1], on_grid.midline_x_mm, probabilities)

@@ -26,8 +26,8 @@ PREPROCESSING_KEYS = ("spacing_mm", "window_hu", "roi")
 class InferenceSettings:
     """How to run the model: grid spacing (mm, x y z), window (HU), sliding-window ROI (voxels, x y z) and
     overlap, windows per forward pass, probability threshold (for classes without their own in the class table),
-    device, whether to export NIfTI label maps and (for DICOM inputs) a DICOM-SEG, and ``mirror``: left-right
-    mirror test-time augmentation."""
+    device, whether to export NIfTI label maps and (for DICOM inputs) a DICOM-SEG, whether to keep the per-class
+    probabilities (uint8, model grid) in the OME-Zarr, and ``mirror``: left-right mirror test-time augmentation."""
 
     spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
     window_hu: tuple[float, float] = DEFAULT_WINDOW_HU
@@ -38,6 +38,7 @@ class InferenceSettings:
     device: str = "cpu"
     export_nifti: bool = False
     export_dicom_seg: bool = False
+    export_probabilities: bool = False
     mirror: bool = False
 
 

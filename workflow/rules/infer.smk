@@ -23,6 +23,7 @@ rule infer:
         tolerate="--tolerate-failures" if config["infer"]["tolerate_failures"] else "",
         mirror="--mirror" if config["infer"]["mirror"] else "",
         dicom_seg="--dicom-seg" if config["infer"]["export_dicom_seg"] else "",
+        probabilities="--probabilities" if config["infer"]["export_probabilities"] else "",
         device=config["device"],
     conda:
         "../envs/universal.yaml"
@@ -35,4 +36,4 @@ rule infer:
         "universal infer {params.tables} --manifest {input.manifest:q} --checkpoint {input.checkpoint:q} "
         "--batch {wildcards.batch} --batches {params.batches}{params.overrides} --overlap {params.overlap} "
         "--sw-batch-size {params.sw_batch_size} --threshold {params.threshold} --device {params.device} "
-        "{params.nifti} {params.tolerate} {params.mirror} {params.dicom_seg} --out {params.out:q} --report {output.report:q} > {log:q} 2>&1"
+        "{params.nifti} {params.tolerate} {params.mirror} {params.dicom_seg} {params.probabilities} --out {params.out:q} --report {output.report:q} > {log:q} 2>&1"
