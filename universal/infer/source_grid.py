@@ -9,23 +9,26 @@ before taking the argmax), so a boundary lies where the interpolated probability
 Post-processing stays on the model grid, where its component, side and parent rules are cheap: a source voxel can
 take class k only where the post-processed mask of k, dilated by one model voxel, maps onto it (nearest
 neighbour), so a component the rules removed does not come back, and a boundary moves by at most one model voxel.
-The work for one class is confined to the bounding box of its mask (plus two voxels), so memory is one float32
-and one uint8 array of the source grid and the box of one class.
+The work for one class is confined to the bounding box of its mask (plus two voxels), mapped in slabs along x of
+at most :data:`SLAB_VOXELS` source voxels, so memory is one float32 and one uint8 array of the source grid and a
+few float32 slabs; each slab is resampled in the axis order of its whole box, so it gives the box's values bit for
+bit.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 from scipy import ndimage
 
 from universal.core.sides import CONNECTIVITY_26
-from universal.core.volume import resample_tensor
+from universal.core.volume import resample_tensor, shrink_first_order
 
 BOX_MARGIN = 2  # model voxels around a mask: one for its dilation, one for the linear interpolation's support
+SLAB_VOXELS = 1 << 24  # source voxels mapped at a time (64 MiB per float32 temporary)
 
 
 def label_map_on_source_grid(masks: np.ndarray, probabilities: np.ndarray, channels: Sequence[int],
@@ -52,18 +55,38 @@ def label_map_on_source_grid(masks: np.ndarray, probabilities: np.ndarray, chann
             continue
         crop = tuple(slice(lo, hi) for lo, hi in box)
         out = _source_box(box, zoom, masks.shape[1:], source_shape)
-        out_shape = tuple(hi - lo for lo, hi in out)
-        starts = dict(out_start=tuple(lo for lo, _ in out), in_start=tuple(lo for lo, _ in box))
         region = ndimage.binary_dilation(masks[channel][crop], structure=CONNECTIVITY_26)
-        near = resample_tensor(torch.from_numpy(region), zoom, out_shape, 0, **starts).numpy()
-        probability = resample_tensor(torch.from_numpy(np.ascontiguousarray(probabilities[channel][crop],
-                                                                            dtype=np.float32)),
-                                      zoom, out_shape, 1, **starts).numpy()
-        target = tuple(slice(lo, hi) for lo, hi in out)
-        wins = near & (probability > threshold) & (probability > best[target])
-        best[target][wins] = probability[wins]
-        labels[target][wins] = value
+        axis_order = shrink_first_order([hi - lo for lo, hi in box], [hi - lo for lo, hi in out])
+        for out_x, in_x in _slabs(out, box, zoom[0]):
+            slab_out = [out_x, *out[1:]]
+            slab_in = [in_x, *box[1:]]
+            starts = dict(out_start=tuple(lo for lo, _ in slab_out), in_start=tuple(lo for lo, _ in slab_in),
+                          axis_order=axis_order)
+            out_shape = tuple(hi - lo for lo, hi in slab_out)
+            inside = slice(in_x[0] - box[0][0], in_x[1] - box[0][0])
+            near = resample_tensor(torch.from_numpy(region[inside]), zoom, out_shape, 0, **starts).numpy()
+            source = probabilities[channel][(slice(*in_x), *crop[1:])]
+            probability = resample_tensor(torch.from_numpy(np.ascontiguousarray(source, dtype=np.float32)), zoom,
+                                          out_shape, 1, **starts).numpy()
+            target = tuple(slice(lo, hi) for lo, hi in slab_out)
+            wins = near & (probability > threshold) & (probability > best[target])
+            best[target][wins] = probability[wins]
+            labels[target][wins] = value
     return labels
+
+
+def _slabs(out: list[tuple[int, int]], box: list[tuple[int, int]],
+           zoom_x: float) -> Iterator[tuple[tuple[int, int], tuple[int, int]]]:
+    """Slabs along x of a class's source box ``out``, each of at most :data:`SLAB_VOXELS` source voxels: per slab
+    its source x range and the model-grid x range within ``box`` that its samples read (with a voxel to spare on
+    either side, so only the box's own edges clamp, as for the whole box)."""
+    plane = (out[1][1] - out[1][0]) * (out[2][1] - out[2][0])
+    step = max(SLAB_VOXELS // max(plane, 1), 1)
+    for first in range(out[0][0], out[0][1], step):
+        last = min(first + step, out[0][1])
+        low = max(math.floor(first / zoom_x) - 1, box[0][0])
+        high = min(math.floor((last - 1) / zoom_x) + 3, box[0][1])
+        yield (first, last), (low, high)
 
 
 def _bounding_box(mask: np.ndarray, margin: int) -> list[tuple[int, int]] | None:
