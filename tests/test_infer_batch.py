@@ -15,7 +15,7 @@ from universal.cli import main
 from universal.core.classes import load_class_table
 from universal.core.volume import Volume, save_nifti
 from universal.data.catalog import Case, write_manifest
-from universal.infer.batch import infer_cases, load_run
+from universal.infer.batch import infer_cases, int16_hu, load_run
 from universal.infer.settings import InferenceSettings, settings_from_checkpoint
 from universal.model.preprocessing import Preprocessing
 
@@ -137,3 +137,11 @@ def test_evaluation_lists_failed_cases_and_goes_on(tmp_path, checkpoint, cases, 
     assert written == [] and failed["case_id"].tolist() == ["good_a", "good_b", "junk"]
     assert failed["stage"].tolist() == ["evaluate", "evaluate", "infer"]
     assert "junk.nii.gz" in failed["error"][2]
+
+
+def test_the_ct_is_stored_as_int16_hu_rounded_and_clipped_without_a_copy_of_an_int16_ct() -> None:
+    hu = np.array([-1024, 0, 3071], dtype=np.int16)
+    assert int16_hu(hu) is hu
+    floats = np.array([-40000.0, -1.5, 0.4, 2.5, 40000.0], dtype=np.float32)
+    assert int16_hu(floats).dtype == np.int16
+    assert int16_hu(floats).tolist() == [-32768, -2, 0, 2, 32767]
