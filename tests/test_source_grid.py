@@ -4,6 +4,7 @@ from scipy import ndimage
 
 from universal.core.volume import Volume, resample, resampled_shape
 from universal.infer import source_grid
+from universal.infer.packed_masks import PackedMasks
 from universal.infer.source_grid import label_map_on_source_grid
 
 GRID_SPACING = (4.0, 4.0, 4.0)
@@ -48,7 +49,7 @@ def test_boxes_give_what_whole_volumes_give(source_spacing) -> None:
 
 
 @pytest.mark.parametrize("slab_voxels", [1, 150, 2000])
-def test_slabs_give_what_whole_boxes_give(monkeypatch, slab_voxels) -> None:
+def test_slabs_and_packed_masks_give_what_whole_boxes_give(monkeypatch, slab_voxels) -> None:
     # slabs of one source plane (a few voxels), of several planes, and of more than one class's box
     source_spacing = (0.8, 0.75, 2.5)
     masks, probabilities = _blobs(seed=3)
@@ -58,6 +59,7 @@ def test_slabs_give_what_whole_boxes_give(monkeypatch, slab_voxels) -> None:
     whole = label_map_on_source_grid(*args)
     monkeypatch.setattr(source_grid, "SLAB_VOXELS", slab_voxels)
     assert np.array_equal(label_map_on_source_grid(*args), whole)
+    assert np.array_equal(label_map_on_source_grid(PackedMasks(masks), *args[1:]), whole)
     assert set(np.unique(whole)) == {0, 3, 7, 9}
 
 

@@ -26,19 +26,21 @@ from scipy import ndimage
 
 from universal.core.sides import CONNECTIVITY_26
 from universal.core.volume import resample_tensor, shrink_first_order
+from universal.infer.packed_masks import PackedMasks
 
 BOX_MARGIN = 2  # model voxels around a mask: one for its dilation, one for the linear interpolation's support
 SLAB_VOXELS = 1 << 24  # source voxels mapped at a time (64 MiB per float32 temporary)
 
 
-def label_map_on_source_grid(masks: np.ndarray, probabilities: np.ndarray, channels: Sequence[int],
+def label_map_on_source_grid(masks: np.ndarray | PackedMasks, probabilities: np.ndarray, channels: Sequence[int],
                              values: Sequence[int], grid_spacing: Sequence[float], source_shape: Sequence[int],
                              source_spacing: Sequence[float], thresholds: Sequence[float]) -> np.ndarray:
     """One exclusive uint8 label map on the source grid from post-processed masks on the model grid.
 
-    ``masks`` (K, X, Y, Z) bool and ``probabilities`` (K, X, Y, Z) float (16 or 32 bits) are on the model grid
-    (spacing ``grid_spacing``, mm per array axis); ``channels`` are the channels to map, ``values`` the label
-    values written for them and ``thresholds`` their probability thresholds. The source grid (``source_shape``
+    ``masks`` (K, X, Y, Z) bool, or :class:`~universal.infer.packed_masks.PackedMasks`, and ``probabilities``
+    (K, X, Y, Z) float (16 or 32 bits) are on the model grid (spacing ``grid_spacing``, mm per array axis);
+    ``channels`` are the channels to map, ``values`` the label values written for them and ``thresholds`` their
+    probability thresholds. The source grid (``source_shape``
     voxels of ``source_spacing`` mm) shares the model grid's axes and the centre of voxel 0, as
     :func:`universal.core.volume.resample` lays grids out: source voxel i lies at model-grid position
     i · source_spacing / grid_spacing. A source voxel takes channel k's value when the interpolated probability of
@@ -50,12 +52,13 @@ def label_map_on_source_grid(masks: np.ndarray, probabilities: np.ndarray, chann
     best = np.full(source_shape, -1.0, dtype=np.float32)
     labels = np.zeros(source_shape, dtype=np.uint8)
     for channel, value, threshold in zip(channels, values, thresholds, strict=True):
-        box = _bounding_box(masks[channel], BOX_MARGIN)
+        mask = masks[channel]
+        box = _bounding_box(mask, BOX_MARGIN)
         if box is None:
             continue
         crop = tuple(slice(lo, hi) for lo, hi in box)
         out = _source_box(box, zoom, masks.shape[1:], source_shape)
-        region = ndimage.binary_dilation(masks[channel][crop], structure=CONNECTIVITY_26)
+        region = ndimage.binary_dilation(mask[crop], structure=CONNECTIVITY_26)
         axis_order = shrink_first_order([hi - lo for lo, hi in box], [hi - lo for lo, hi in out])
         for out_x, in_x in _slabs(out, box, zoom[0]):
             slab_out = [out_x, *out[1:]]
