@@ -1,7 +1,7 @@
 """Binary masks of many classes kept one bit per voxel, one class unpacked at a time.
 
 After post-processing, inference reads each class's mask on its own (its bounding box, its dilation) while it maps
-the classes back onto the CT's grid. Kept as bool arrays, the masks of 31 classes on a 267×267×667 model grid take
+the classes back onto the CT's grid. Kept as bool arrays, the masks of 31 classes on a 266×266×667 model grid take
 1.4 GiB; packed eight voxels to a byte (:func:`numpy.packbits`) they take 176 MiB.
 """
 

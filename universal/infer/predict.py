@@ -45,7 +45,7 @@ class GridPrediction:
     midline_x_mm: float
 
     def pack_masks(self) -> None:
-        """Keep the masks one bit per voxel from here on (as bool, 31 classes take 1.4 GiB at 267×267×667)."""
+        """Keep the masks one bit per voxel from here on (as bool, 31 classes take 1.4 GiB at 266×266×667)."""
         if isinstance(self.masks, np.ndarray):
             self.masks = PackedMasks(self.masks)
 
@@ -94,7 +94,7 @@ def predict_volume(model: torch.nn.Module, image: Volume, classes: ClassTable, s
     grid = resample(Volume(np.ascontiguousarray(image.array, dtype=np.float32), image.affine), settings.spacing, 1)
     grid_spacing = grid.spacing
     on_grid = predict_on_grid(model, grid, classes, settings, predicted)
-    del grid  # the CT on the model grid (180 MiB at 267×267×667): the mapping back needs its spacing only
+    del grid  # the CT on the model grid (180 MiB at 266×266×667): the mapping back needs its spacing only
     on_grid.pack_masks()
     thresholds = class_thresholds(classes, on_grid.channels, settings)
     maps = []

@@ -40,12 +40,11 @@ def label_map_on_source_grid(masks: np.ndarray | PackedMasks, probabilities: np.
     ``masks`` (K, X, Y, Z) bool, or :class:`~universal.infer.packed_masks.PackedMasks`, and ``probabilities``
     (K, X, Y, Z) float (16 or 32 bits) are on the model grid (spacing ``grid_spacing``, mm per array axis);
     ``channels`` are the channels to map, ``values`` the label values written for them and ``thresholds`` their
-    probability thresholds. The source grid (``source_shape``
-    voxels of ``source_spacing`` mm) shares the model grid's axes and the centre of voxel 0, as
-    :func:`universal.core.volume.resample` lays grids out: source voxel i lies at model-grid position
-    i · source_spacing / grid_spacing. A source voxel takes channel k's value when the interpolated probability of
-    k exceeds its threshold and the nearest model voxel lies in k's mask dilated by one voxel (26-connected); where
-    several channels qualify the most probable wins (the earlier on a tie).
+    probability thresholds. The source grid (``source_shape`` voxels of ``source_spacing`` mm) shares the model
+    grid's axes and the centre of voxel 0, as :func:`universal.core.volume.resample` lays grids out: source voxel
+    i lies at model-grid position i · source_spacing / grid_spacing. A source voxel takes channel k's value when
+    the interpolated probability of k exceeds its threshold and the nearest model voxel lies in k's mask dilated
+    by one voxel (26-connected); where several channels qualify the most probable wins (the earlier on a tie).
     """
     source_shape = tuple(int(n) for n in source_shape)
     zoom = tuple(g / s for g, s in zip(grid_spacing, source_spacing, strict=True))  # input / output spacing
