@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -104,7 +105,7 @@ def route_ours(ct: Path, checkpoint: Path, out: Path, monai32: bool, device: str
     run = load_run(checkpoint, classes, InferenceSettings(export_nifti=True, device=device))
     outcomes = infer_cases([Case("bench", "ct", ct, None)], run, classes, out, out / "batch_0.tsv")
     if outcomes[0].status != "ok":
-        raise RuntimeError(outcomes[0].error)
+        raise RuntimeError(f"case {outcomes[0].status}: {outcomes[0].error}")
 
 
 def _use_monai_float32() -> None:
@@ -170,6 +171,7 @@ def route_original(ct: Path, checkpoint: Path, out: Path) -> None:
 
 def child(route: str, work: Path, model: str, device: str) -> dict:
     ct, out, checkpoint = work / "ct.nii.gz", work / f"out_{route}_{model}_{device}", work / MODELS[model]
+    shutil.rmtree(out, ignore_errors=True)  # an earlier run's outputs would be skipped, not computed
     began = time.perf_counter()
     if route == "original":
         route_original(ct, checkpoint, out)
