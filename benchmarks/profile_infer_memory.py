@@ -28,7 +28,7 @@ import bench_infer
 STAGES = {
     "universal.infer.batch": ("read_ct", "predict_volume", "write_prediction", "class_statistics", "export_nifti"),
     "universal.infer.predict": ("resample", "predict_on_grid", "predict_logits", "postprocess_masks",
-                                "label_map_on_source_grid", "grid_image"),
+                                "label_map_on_source_grid"),
 }
 
 
@@ -57,8 +57,9 @@ class RssSampler(threading.Thread):
             time.sleep(self.period)
 
 
-def wrap_stages(sampler: RssSampler, rows: list[tuple]) -> None:
-    """Replace each stage function with one that records a row (depth, name, s, start, end, peak, maxrss)."""
+def wrap_stages(sampler: RssSampler) -> None:
+    """Replace each stage function with one that prints, when it returns, its seconds, RSS at start and end, the
+    highest sample during it and ru_maxrss (MiB), indented by nesting depth."""
     depth = [0]
 
     def wrapped(name, function):
@@ -75,9 +76,8 @@ def wrap_stages(sampler: RssSampler, rows: list[tuple]) -> None:
                 end = sampler.rss_mib()
                 peak = max(sampler.highest, end)
                 maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-                rows.append((depth[0], name, time.perf_counter() - began, start, end, peak, maxrss))
-                print(f"{'  ' * depth[0]}{name}: {rows[-1][2]:.1f} s, RSS {start:.0f} -> {end:.0f} MiB, "
-                      f"peak {peak:.0f}, maxrss {maxrss:.0f}", flush=True)
+                print(f"{'  ' * depth[0]}{name}: {time.perf_counter() - began:.1f} s, RSS {start:.0f} -> {end:.0f} "
+                      f"MiB, peak {peak:.0f}, maxrss {maxrss:.0f}", flush=True)
                 sampler.highest = max(outer_highest, peak)
         return stage
 
@@ -104,8 +104,7 @@ def main() -> None:
     print(f"code: {Path(universal.__file__).parent}", flush=True)
     sampler = RssSampler()
     sampler.start()
-    rows: list[tuple] = []
-    wrap_stages(sampler, rows)
+    wrap_stages(sampler)
     out = args.work / f"out_profile_{time.strftime('%H%M%S')}"
     began = time.perf_counter()
     bench_infer.route_ours(args.work / "ct.nii.gz", args.work / bench_infer.MODELS[args.model], out, monai32=False,
