@@ -2,6 +2,7 @@
 accumulator.
 
 Run: .venv/bin/python benchmarks/bench_infer.py [--shape 512 512 200] [--spacing 0.78 0.78 2.5] [--routes ...]
+     [--before DIR]
 
 Setup (not timed): a synthetic CT (an elliptic body of soft tissue with noise, lungs above and air around it,
 int16 HU) is written as .nii.gz; a model with the original U-Net's layers (Models Genesis UNet3D, batch
@@ -22,13 +23,19 @@ Routes, each in its own process (wall time from the process's start of work to i
   OME-Zarr, per-class statistics and the organ and tumour label maps as NIfTI;
 - ``monai32``: ``ours`` with the sliding window replaced by MONAI's ``sliding_window_inference`` and float32
   probabilities of every class (the inference before :mod:`universal.infer.sliding`), for the memory "before".
+
+Every route runs the ``universal`` package of this script's checkout (put on the child's ``PYTHONPATH``);
+``--before DIR`` runs route ``ours`` first with the package of another checkout (``DIR``, e.g. a ``git worktree``
+of an older commit) on the same CT and weights, so one invocation measures a change before and after.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -98,7 +105,7 @@ def route_ours(ct: Path, checkpoint: Path, out: Path, monai32: bool, device: str
     run = load_run(checkpoint, classes, InferenceSettings(export_nifti=True, device=device))
     outcomes = infer_cases([Case("bench", "ct", ct, None)], run, classes, out, out / "batch_0.tsv")
     if outcomes[0].status != "ok":
-        raise RuntimeError(outcomes[0].error)
+        raise RuntimeError(f"case {outcomes[0].status}: {outcomes[0].error}")
 
 
 def _use_monai_float32() -> None:
@@ -164,6 +171,7 @@ def route_original(ct: Path, checkpoint: Path, out: Path) -> None:
 
 def child(route: str, work: Path, model: str, device: str) -> dict:
     ct, out, checkpoint = work / "ct.nii.gz", work / f"out_{route}_{model}_{device}", work / MODELS[model]
+    shutil.rmtree(out, ignore_errors=True)  # an earlier run's outputs would be skipped, not computed
     began = time.perf_counter()
     if route == "original":
         route_original(ct, checkpoint, out)
@@ -183,6 +191,8 @@ def main() -> None:
     parser.add_argument("--child", choices=ROUTES, help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=tuple(MODELS), default="original")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--before", type=Path, default=None,
+                        help="a checkout of older code: route ours runs with its universal package first")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_infer_"))
     if args.child:
@@ -193,15 +203,28 @@ def main() -> None:
     make_checkpoints(work)
     print(f"CT {tuple(args.shape)} at {tuple(args.spacing)} mm; model {args.model}; {torch.get_num_threads()} "
           f"threads; {args.device}\n")
-    print("| route | s | peak RSS MiB | files |\n|---|---|---|---|")
-    for route in args.routes:
+    print("| route | code | s | peak RSS MiB | files |\n|---|---|---|---|---|")
+    runs = [("ours", args.before)] if args.before else []
+    for route, checkout in [*runs, *((route, None) for route in args.routes)]:
+        checkout = checkout or Path(__file__).resolve().parents[1]  # default: this script's own checkout
+        env = {**os.environ, "PYTHONPATH": str(checkout)}
         result = subprocess.run([sys.executable, __file__, "--child", route, "--work", str(work), "--model",
-                                 args.model, "--device", args.device], capture_output=True, text=True)
+                                 args.model, "--device", args.device], capture_output=True, text=True, env=env)
+        code = commit_of(checkout)
         if result.returncode != 0:
-            print(f"| {route} | failed: {result.stderr.strip().splitlines()[-1]} | | |", flush=True)
+            print(f"| {route} | {code} | failed: {result.stderr.strip().splitlines()[-1]} | | |", flush=True)
             continue
         row = json.loads(result.stdout.strip().splitlines()[-1])
-        print(f"| {route} | {row['seconds']:.1f} | {row['peak_rss_mib']:.0f} | {row['files']} |", flush=True)
+        print(f"| {route} | {code} | {row['seconds']:.1f} | {row['peak_rss_mib']:.0f} | {row['files']} |",
+              flush=True)
+
+
+def commit_of(path: Path) -> str:
+    """The short commit of the checkout holding ``path`` (``+`` when it has uncommitted changes)."""
+    head = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True)
+    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "") if head.returncode == 0 else "?"
 
 
 if __name__ == "__main__":

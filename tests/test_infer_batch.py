@@ -15,7 +15,7 @@ from universal.cli import main
 from universal.core.classes import load_class_table
 from universal.core.volume import Volume, save_nifti
 from universal.data.catalog import Case, write_manifest
-from universal.infer.batch import infer_cases, load_run
+from universal.infer.batch import infer_cases, int16_hu, load_run
 from universal.infer.settings import InferenceSettings, settings_from_checkpoint
 from universal.model.preprocessing import Preprocessing
 
@@ -157,3 +157,11 @@ def test_probabilities_on_request_are_the_model_grid_s_quantised(tmp_path, check
     assert np.array_equal(stored.array, np.rint(expected.astype(np.float32) * 255).astype(np.uint8))
     _infer(tmp_path, checkpoint, cases[1:2])
     assert read_probabilities(tmp_path / "out" / "good_b.ome.zarr") is None  # not asked for: not written
+
+
+def test_the_ct_is_stored_as_int16_hu_rounded_and_clipped_without_a_copy_of_an_int16_ct() -> None:
+    hu = np.array([-1024, 0, 3071], dtype=np.int16)
+    assert int16_hu(hu) is hu
+    floats = np.array([-40000.0, -1.5, 0.4, 2.5, 40000.0], dtype=np.float32)
+    assert int16_hu(floats).dtype == np.int16
+    assert int16_hu(floats).tolist() == [-32768, -2, 0, 2, 32767]

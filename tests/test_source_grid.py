@@ -3,6 +3,8 @@ import pytest
 from scipy import ndimage
 
 from universal.core.volume import Volume, resample, resampled_shape
+from universal.infer import source_grid
+from universal.infer.packed_masks import PackedMasks
 from universal.infer.source_grid import label_map_on_source_grid
 
 GRID_SPACING = (4.0, 4.0, 4.0)
@@ -44,6 +46,21 @@ def test_boxes_give_what_whole_volumes_give(source_spacing) -> None:
     assert out.dtype == np.uint8 and out.shape == source_shape
     assert set(np.unique(out)) == {0, 3, 7, 9}
     assert np.array_equal(out, expected)
+
+
+@pytest.mark.parametrize("slab_voxels", [1, 150, 2000])
+def test_slabs_and_packed_masks_give_what_whole_boxes_give(monkeypatch, slab_voxels) -> None:
+    # slabs of one source plane (a few voxels), of several planes, and of more than one class's box
+    source_spacing = (0.8, 0.75, 2.5)
+    masks, probabilities = _blobs(seed=3)
+    source_shape = resampled_shape(masks.shape[1:], GRID_SPACING, source_spacing)
+    args = (masks, probabilities.astype(np.float16), [0, 1, 2], [7, 3, 9], GRID_SPACING, source_shape,
+            source_spacing, [0.5] * 3)
+    whole = label_map_on_source_grid(*args)
+    monkeypatch.setattr(source_grid, "SLAB_VOXELS", slab_voxels)
+    assert np.array_equal(label_map_on_source_grid(*args), whole)
+    assert np.array_equal(label_map_on_source_grid(PackedMasks(masks), *args[1:]), whole)
+    assert set(np.unique(whole)) == {0, 3, 7, 9}
 
 
 def test_boundary_falls_where_the_interpolated_probability_crosses_the_threshold() -> None:

@@ -4,8 +4,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
-from universal.core.volume import Volume, VolumeError, load_nifti, resample, save_nifti
+from universal.core.volume import (
+    Volume,
+    VolumeError,
+    load_nifti,
+    resample,
+    resample_tensor,
+    save_nifti,
+    shrink_first_order,
+)
 
 
 def _sitk_resample(array: np.ndarray, spacing, origin, out_shape, out_spacing, interpolator) -> np.ndarray:
@@ -105,3 +114,16 @@ def test_singular_affine_is_named(tmp_path):
     path.write_bytes(header.binaryblock + bytes(4) + np.zeros((5, 5, 5), np.int16).tobytes())
     with pytest.raises(VolumeError, match=r"singular\.nii: the header's affine .* is singular.*fix the header"):
         load_nifti(path)
+
+
+def test_slabs_resampled_in_the_whole_grid_s_axis_order_give_its_values_bit_for_bit():
+    rng = np.random.default_rng(0)
+    data = torch.from_numpy(rng.random((9, 11, 7), dtype=np.float32))
+    zoom, shape = (5.0, 5.3333335, 1.6), (45, 58, 11)
+    whole = resample_tensor(data, zoom, shape, 1)
+    order = shrink_first_order(data.shape, shape)
+    for first in range(0, 45, 4):  # output x planes first..first+3 read input x planes low..high-1
+        low, high = max(first // 5 - 1, 0), min((first + 3) // 5 + 3, 9)
+        slab = resample_tensor(data[low:high], zoom, (min(4, 45 - first), *shape[1:]), 1, out_start=(first, 0, 0),
+                               in_start=(low, 0, 0), axis_order=order)
+        assert torch.equal(slab, whole[first:first + 4])

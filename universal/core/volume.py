@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,19 +166,28 @@ def resample(volume: Volume, target_spacing: tuple[float, float, float], order: 
 
 def resample_tensor(data: torch.Tensor, zoom: tuple[float, float, float], shape: tuple[int, int, int],
                     order: int, out_start: tuple[int, int, int] = (0, 0, 0),
-                    in_start: tuple[int, int, int] = (0, 0, 0)) -> torch.Tensor:
+                    in_start: tuple[int, int, int] = (0, 0, 0),
+                    axis_order: Sequence[int] | None = None) -> torch.Tensor:
     """Resample the last three axes of ``data`` (..., X, Y, Z): output voxel i samples input position i / zoom.
 
     ``zoom`` is input spacing / output spacing per axis; order 1 needs a floating tensor. For a crop of both
     grids, ``data`` holds the input from voxel ``in_start`` on and the output starts at voxel ``out_start`` of
     the full output grid: output voxel ``out_start + j`` samples input position ``(out_start + j) / zoom``,
     exactly where the full resampling samples it; positions outside the crop take the crop's edge values.
+    ``axis_order`` is the order in which the axes are resampled (default: :func:`shrink_first_order`); linear
+    interpolation rounds differently in another order, so pieces of one grid resampled in the order of the whole
+    grid give its values bit for bit.
     """
-    # shrink first: axes whose output is smallest relative to their input go first, so later passes move less
-    for axis in sorted(range(3), key=lambda a: shape[a] / data.shape[data.ndim - 3 + a]):
+    for axis in axis_order if axis_order is not None else shrink_first_order(data.shape[-3:], shape):
         data = _resample_axis(data, data.ndim - 3 + axis, zoom[axis], shape[axis], order, out_start[axis],
                               in_start[axis])
     return data
+
+
+def shrink_first_order(in_shape: Sequence[int], out_shape: Sequence[int]) -> list[int]:
+    """The axes in the order :func:`resample_tensor` resamples them: those whose output is smallest relative to
+    their input first, so later passes move less data."""
+    return sorted(range(3), key=lambda a: out_shape[a] / in_shape[a])
 
 
 def _resample_axis(data: torch.Tensor, axis: int, zoom: float, size: int, order: int, out_start: int = 0,

@@ -148,9 +148,8 @@ def _infer_case(case: Case, run: BatchRun, classes: ClassTable, out_dir: Path) -
     source_affine = nib.load(str(case.image)).affine if is_nifti(case.image) else image.affine
     attrs = prediction_attrs(case, run.checkpoint, run.run_key, run.settings, classes, run.predicted,
                              prediction.midline_x_mm, source_affine)
-    hu = np.clip(np.rint(image.array), -32768, 32767).astype(np.int16)
-    write_prediction(outputs[0], Volume(hu, image.affine), prediction.organs, prediction.tumours, classes, attrs,
-                     prediction.probabilities)
+    write_prediction(outputs[0], Volume(int16_hu(image.array), image.affine), prediction.organs, prediction.tumours,
+                     classes, attrs, prediction.probabilities)
     write_tsv(outputs[1], STATISTICS_COLUMNS, class_statistics(image, prediction.organs, prediction.tumours, classes))
     if run.settings.export_nifti:
         for group, labels in zip(LABEL_GROUPS, (prediction.organs, prediction.tumours), strict=True):
@@ -161,6 +160,14 @@ def _infer_case(case: Case, run: BatchRun, classes: ClassTable, out_dir: Path) -
                         files, out_dir / f"{case.case_id}.seg.dcm", predicted=run.predicted,
                         algorithm_parameters={"checkpoint": run.checkpoint.name, "run_key": run.run_key})
     return "ok"
+
+
+def int16_hu(array: np.ndarray) -> np.ndarray:
+    """HU as int16 (rounded and clipped to its range); an int16 array is returned as it is, without the float32
+    temporaries of rounding (2 GiB for a 512×512×1000 CT)."""
+    if array.dtype == np.int16:
+        return array
+    return np.clip(np.rint(array), -32768, 32767).astype(np.int16)
 
 
 def class_statistics(image: Volume, organs: np.ndarray, tumours: np.ndarray, classes: ClassTable) -> list[tuple]:

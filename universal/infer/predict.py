@@ -14,6 +14,7 @@ from universal.core.intensity import window
 from universal.core.sides import body_midline_x_mm
 from universal.core.volume import Volume, resample
 from universal.infer.ome import GridProbabilities
+from universal.infer.packed_masks import PackedMasks
 from universal.infer.postprocess import postprocess_masks
 from universal.infer.settings import InferenceSettings
 from universal.infer.sliding import predict_logits
@@ -38,13 +39,18 @@ class CasePrediction:
 @dataclass
 class GridPrediction:
     """What the model says on its own grid for the classes it computed: their class-table ``channels``, their
-    probabilities (K, X, Y, Z) float16 and post-processed masks (K, X, Y, Z) bool in that order, and the body
-    midline (RAS x, mm) that the side rules used."""
+    probabilities (K, X, Y, Z) float16 and post-processed masks (K, X, Y, Z) bool (packed after
+    :meth:`pack_masks`) in that order, and the body midline (RAS x, mm) that the side rules used."""
 
     channels: list[int]
     probabilities: np.ndarray
-    masks: np.ndarray
+    masks: np.ndarray | PackedMasks
     midline_x_mm: float
+
+    def pack_masks(self) -> None:
+        """Keep the masks one bit per voxel from here on (as bool, 31 classes take 1.4 GiB at 266×266×667)."""
+        if isinstance(self.masks, np.ndarray):
+            self.masks = PackedMasks(self.masks)
 
     def position(self, channel: int) -> int | None:
         """Where a class-table channel sits among the computed ones (None: not computed)."""
@@ -89,14 +95,17 @@ def predict_volume(model: torch.nn.Module, image: Volume, classes: ClassTable, s
     """
     # one memory layout whatever the reader gave, so that one scan read from any format is predicted alike
     grid = resample(Volume(np.ascontiguousarray(image.array, dtype=np.float32), image.affine), settings.spacing, 1)
+    grid_spacing, grid_affine = grid.spacing, grid.affine
     on_grid = predict_on_grid(model, grid, classes, settings, predicted)
+    del grid  # the CT on the model grid (180 MiB at 266×266×667): what follows needs its spacing and affine only
+    on_grid.pack_masks()
     thresholds = class_thresholds(classes, on_grid.channels, settings)
     maps = []
     for group in (classes.organs(), classes.tumours()):
         computed = [(k, c) for c in group if (k := on_grid.position(classes.channel(c.name))) is not None]
         maps.append(label_map_on_source_grid(on_grid.masks, on_grid.probabilities, [k for k, _ in computed],
-                                             [c.index for _, c in computed], grid.spacing, image.shape,
+                                             [c.index for _, c in computed], grid_spacing, image.shape,
                                              image.spacing, [float(thresholds[k]) for k, _ in computed]))
     probabilities = GridProbabilities([classes.names[c] for c in on_grid.channels], on_grid.probabilities,
-                                      grid.affine) if settings.export_probabilities else None
+                                      grid_affine) if settings.export_probabilities else None
     return CasePrediction(image, maps[0], maps[1], on_grid.midline_x_mm, probabilities)
