@@ -102,7 +102,7 @@ def _write_case_group(tmp: Path, image: Volume, organs: np.ndarray, tumours: np.
         warnings.simplefilter("ignore", DeprecationWarning)
         _write_groups(root, image, organs, tumours, classes, Path(attrs.get("case_id", "image")).name)
     if probabilities is not None:
-        _write_probabilities(root.create_group("probabilities"), probabilities, classes, image.origin)
+        _write_probabilities(root.create_group("probabilities"), probabilities, classes)
     root.attrs["universal"] = {**attrs, "affine_ras": image.affine.tolist(), "array_order": "zyx",
                                "classes": [{"index": c.index, "name": c.name, "kind": c.kind} for c in classes]}
 
@@ -119,8 +119,7 @@ def _write_groups(root: zarr.Group, image: Volume, organs: np.ndarray, tumours: 
                                 label_metadata=_label_metadata(rows))
 
 
-def _write_probabilities(group: zarr.Group, probabilities: GridProbabilities, classes: ClassTable,
-                         origin: tuple[float, float, float]) -> None:
+def _write_probabilities(group: zarr.Group, probabilities: GridProbabilities, classes: ClassTable) -> None:
     """The ``probabilities`` image: (c, z, y, x) uint8, one chunk row per class, written class by class so that
     memory holds one quantised class at a time."""
     count, *shape = probabilities.array.shape
@@ -129,9 +128,9 @@ def _write_probabilities(group: zarr.Group, probabilities: GridProbabilities, cl
                                fill_value=0)
     for k in range(count):
         array[k] = quantise_probability(probabilities.array[k]).transpose(2, 1, 0)
-    spacing = np.sqrt((probabilities.grid[:3, :3] ** 2).sum(axis=0))
-    transforms = [{"type": "scale", "scale": [1.0, *spacing[::-1].tolist()]},
-                  {"type": "translation", "translation": [0.0, *list(origin)[::-1]]}]
+    scale, translation = _transforms(Volume(probabilities.array[0], probabilities.grid))[0]  # the grid's, z y x
+    transforms = [{"type": "scale", "scale": [1.0, *scale["scale"]]},
+                  {"type": "translation", "translation": [0.0, *translation["translation"]]}]
     channels = [{"label": name, "color": "{:02X}{:02X}{:02X}".format(*classes[name].colour), "active": True,
                  "window": {"min": 0, "max": PROBABILITY_STEPS, "start": 0, "end": PROBABILITY_STEPS}}
                 for name in probabilities.names]
